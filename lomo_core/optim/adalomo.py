@@ -1,0 +1,107 @@
+"""AdaLomo: LOMO with an adaptive, factored second moment (arXiv 2310.10195)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lomo_core.optim.fused import FusedOptimizer
+
+
+class AdaLomo(FusedOptimizer):
+    """Adafactor-style adaptive learning rate, fused into the backward pass.
+
+    Matrices keep a factored second moment (one row and one column vector), vectors a full one; the
+    update is normalised to RMS <= ``clip_threshold`` and scaled by the parameter's RMS (relative step
+    size). All state lives in ``state_dict()`` so a resumed run continues its statistics.
+    Same calls as ``lomo_optim.AdaLomo``; runs wherever the parameters live (CPU or GPU).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        loss_scale: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        weight_decay: float = 0.0,
+        loss_scale_args: dict[str, Any] | None = None,
+    ) -> None:
+        problems = []
+        if len(eps) != 2 or any(not (isinstance(e, (int, float)) and e >= 0) for e in eps):
+            problems.append(f"eps must be two numbers >= 0, got {eps!r}")
+        if not (isinstance(clip_threshold, (int, float)) and clip_threshold > 0):
+            problems.append(f"clip_threshold must be > 0, got {clip_threshold!r}")
+        if not (isinstance(decay_rate, (int, float)) and decay_rate < 0):
+            problems.append(f"decay_rate must be < 0, got {decay_rate!r}")
+        if problems:
+            raise ValueError("AdaLomo: " + "; ".join(problems))
+        if loss_scale is not None:
+            # lomo_optim's static `loss_scale` maps onto a scaler that starts there and never moves.
+            loss_scale_args = {"enabled": True, "init_scale": float(loss_scale), "scale_window": 2**62,
+                               **(loss_scale_args or {})}
+        super().__init__(
+            model, lr, clip_grad_norm, clip_grad_value, weight_decay, loss_scale_args,
+            extra_defaults=dict(eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate),
+        )
+        for p in self._params():
+            state = self.state[p]
+            if p.dim() >= 2:
+                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
+                state["exp_avg_sq_col"] = torch.zeros(
+                    p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device
+                )
+            else:
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _before_step(self) -> None:
+        # beta2 follows 1 - t^decay_rate with t the number of this update (1 for the first).
+        t = self.global_step + 1
+        self._beta2 = 1.0 - math.pow(t, self.param_groups[0]["decay_rate"])
+
+    def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        eps_sq, eps_scale = group["eps"]
+        beta2 = self._beta2
+        state = self.state[p]
+        if grad.dim() >= 2:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            sq = grad.square().add_(eps_sq)
+            row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1.0 - beta2)
+            col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1.0 - beta2)
+            del sq
+            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            col_factor = col.unsqueeze(-2).rsqrt()
+            # (row * col) first, then the gradient: the reference's rounding order. The temporary is
+            # no larger than `sq` above, so the peak does not grow.
+            update = grad.mul_(row_factor * col_factor)
+        else:
+            second = state["exp_avg_sq"]
+            second.mul_(beta2).add_(grad.square().add_(eps_sq), alpha=1.0 - beta2)
+            update = grad.mul_(second.rsqrt())
+        numel = update.numel()
+        update_rms = update.norm(2) / (numel**0.5)
+        update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
+
+        p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
+        # Relative step size lr * max(eps, RMS(p)), rounded the way lomo_optim rounds it (fp32 when the
+        # RMS wins, double when eps does) so that both give the same bits. The .item() is one device
+        # sync per parameter, as in the reference.
+        param_rms = torch.norm(p32, 2.0) / math.sqrt(numel)
+        if param_rms.item() > eps_scale:
+            step_size = param_rms * group["lr"]
+        else:
+            step_size = group["lr"] * eps_scale
+        if group["weight_decay"]:
+            p32.mul_(1.0 - step_size * group["weight_decay"])
+        p32.add_(update, alpha=-float(step_size))
+        if p32 is not p:
+            p.copy_(p32)

@@ -1,0 +1,288 @@
+"""The machinery shared by LOMO and AdaLomo: updating each parameter inside the backward pass.
+
+Every trainable parameter gets one ``register_post_accumulate_grad_hook``. Autograd calls it once
+the parameter's gradient is complete (after all contributions, e.g. of tied weights, have been
+summed), the hook applies the update and drops the gradient. So at most one gradient is alive at a
+time and none is left after ``backward()``; no optimizer-wide scan, no call for the last parameter.
+
+Global gradient-norm clipping and fp16 overflow detection need to know about *all* gradients before
+any parameter may change. They run a first backward (``grad_norm``) whose hooks only accumulate
+per-parameter norms; the second backward (``fused_backward``) then applies the clipped update.
+Without norm clipping and without fp16, a step is a single backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lomo_core.optim.scaler import DynamicLossScaler
+
+_NORM_PASS = "norm"
+_UPDATE_PASS = "update"
+
+
+def _check_positive(name: str, value: float | None, problems: list[str], allow_none: bool = True) -> None:
+    if value is None:
+        if not allow_none:
+            problems.append(f"{name} is required")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        problems.append(f"{name} must be a positive number, got {value!r}")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses implement :meth:`_apply_update` for one parameter."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        clip_grad_norm: float | None,
+        clip_grad_value: float | None,
+        weight_decay: float,
+        loss_scale_args: dict[str, Any] | None,
+        extra_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        problems: list[str] = []
+        if not isinstance(model, nn.Module):
+            problems.append(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_positive("lr", lr, problems, allow_none=False)
+        _check_positive("clip_grad_norm", clip_grad_norm, problems)
+        _check_positive("clip_grad_value", clip_grad_value, problems)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            problems.append(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
+            problems.append(f"loss_scale_args must be a dict or None, got {type(loss_scale_args).__name__}")
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+
+        self.model = model
+        self.clip_grad_norm = float(clip_grad_norm) if clip_grad_norm is not None else None
+        self.clip_grad_value = float(clip_grad_value) if clip_grad_value is not None else None
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(f"{type(self).__name__}: the model has no trainable parameters")
+        if any(hasattr(p, "ds_id") for _, p in named):
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-3 partitioned parameters are not supported by this optimizer yet"
+            )
+        self.param_names = {p: n for n, p in named}
+        defaults = dict(lr=float(lr), weight_decay=float(weight_decay), **(extra_defaults or {}))
+        super().__init__([p for _, p in named], defaults)
+
+        self.scaler = self._make_scaler(loss_scale_args, [p for _, p in named])
+        self.global_step = 0  # number of updates applied (overflowed steps do not count)
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        self.peak_grad_bytes = 0  # largest gradient alive at once, for the memory report
+
+        self._pass: str | None = None
+        self._seen: set[int] = set()
+        self._norms: list[torch.Tensor] = []
+        self._clip_coef: torch.Tensor | None = None
+        self._norm_done = False
+        self._overflow = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for _, p in named]
+
+    # ------------------------------------------------------------------ configuration
+    @staticmethod
+    def _make_scaler(args: dict[str, Any] | None, params: list[nn.Parameter]) -> DynamicLossScaler | None:
+        args = dict(args or {})
+        enabled = args.pop("enabled", None)
+        if enabled is None:
+            enabled = any(p.dtype == torch.float16 for p in params)
+        scaler = DynamicLossScaler.from_args(args)  # validated even when unused
+        return scaler if enabled else None
+
+    @property
+    def needs_norm_pass(self) -> bool:
+        """True when a step needs the extra gradient-norm backward (norm clipping or fp16 overflow check)."""
+        return self.clip_grad_norm is not None or self.scaler is not None
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (after this, ``loss.backward()`` is ordinary again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ the hook
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        if self._pass is None:
+            p.grad = None
+            raise RuntimeError(
+                f"{type(self).__name__} updates parameters inside the backward pass: call "
+                "optimizer.step(closure) or optimizer.fused_backward(loss, lr) instead of loss.backward()"
+            )
+        key = id(p)
+        if key in self._seen:
+            raise RuntimeError(
+                f"parameter {self.param_names.get(p, '?')!r} received its gradient twice in one backward "
+                "pass, so a fused update would use a partial gradient; with gradient checkpointing use "
+                "use_reentrant=False, and do not call backward on several losses: sum them first"
+            )
+        self._seen.add(key)
+        grad = p.grad
+        p.grad = None
+        if grad is None:
+            return
+        nbytes = grad.numel() * grad.element_size()
+        if nbytes > self.peak_grad_bytes:
+            self.peak_grad_bytes = nbytes
+        with torch.no_grad():
+            if self._pass == _NORM_PASS:
+                self._norms.append(self._grad_norm_of(grad))
+            else:
+                group = self.param_groups[0]
+                self._apply_update(p, self._prepare_grad(grad), group)
+
+    def _grad_norm_of(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.clip_grad_value is None:
+            # The scale is divided out of the total at the end: no copy of the gradient here.
+            return torch.linalg.vector_norm(grad, dtype=torch.float32)
+        g = grad.to(torch.float32, copy=True)
+        if self.scaler is not None:
+            g.mul_(1.0 / self.scaler.scale)
+        g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        return torch.linalg.vector_norm(g)
+
+    def _prepare_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Unscale and clip one gradient; returns an fp32 tensor the update may modify in place."""
+        # After p.grad = None autograd holds no reference to an fp32 gradient: it is ours to modify.
+        g = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
+        if self.scaler is not None:
+            g.mul_(1.0 / self.scaler.scale)
+        if self.clip_grad_value is not None:
+            g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        if self._clip_coef is not None:
+            g.mul_(self._clip_coef)
+        return g
+
+    def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ passes
+    def _backward(self, loss: torch.Tensor, which: str, retain_graph: bool) -> None:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss must be a scalar tensor")
+        if not loss.requires_grad:
+            raise ValueError("loss does not require grad: was it computed under torch.no_grad()?")
+        self._pass = which
+        self._seen = set()
+        try:
+            scaled = loss * self.scaler.scale if self.scaler is not None else loss
+            scaled.backward(retain_graph=retain_graph)
+        finally:
+            self._pass = None
+            self._seen = set()
+
+    def grad_norm(self, loss: torch.Tensor) -> float:
+        """First pass: compute the global gradient norm (and detect fp16 overflow); changes no parameter.
+
+        The autograd graph is retained for the :meth:`fused_backward` call that must follow.
+        """
+        self._norms = []
+        self._backward(loss, _NORM_PASS, retain_graph=True)
+        norms, self._norms = self._norms, []
+        if norms:
+            total = torch.linalg.vector_norm(torch.stack(norms))
+        else:
+            total = torch.zeros((), dtype=torch.float32)
+        if self.scaler is not None and self.clip_grad_value is None:
+            total = total / self.scaler.scale
+        total_value = float(total)
+        self._overflow = not math.isfinite(total_value)
+        self.last_grad_norm = total_value
+        if self.clip_grad_norm is not None and not self._overflow:
+            # The same arithmetic as torch.nn.utils.clip_grad_norm_.
+            self._clip_coef = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
+        else:
+            self._clip_coef = None
+        self._norm_done = True
+        return total_value
+
+    def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> bool:
+        """Second (or only) pass: backward with each parameter updated as its gradient completes.
+
+        Returns False when the step was skipped because the fp16 gradients overflowed.
+        """
+        if lr is not None:
+            problems: list[str] = []
+            _check_positive("lr", lr, problems, allow_none=False)
+            if problems:
+                raise ValueError(problems[0])
+            for group in self.param_groups:
+                group["lr"] = float(lr)
+        if self.needs_norm_pass and not self._norm_done:
+            why = "clip_grad_norm is set" if self.clip_grad_norm is not None else "parameters are fp16"
+            raise RuntimeError(
+                f"{why}: call optimizer.grad_norm(loss) before optimizer.fused_backward(loss, lr), "
+                "or use optimizer.step(closure) which runs both passes"
+            )
+        try:
+            if self._overflow:
+                self.skipped_steps += 1
+                applied = False
+            else:
+                self._before_step()
+                self._backward(loss, _UPDATE_PASS, retain_graph=False)
+                self.global_step += 1
+                applied = True
+            if self.scaler is not None:
+                self.scaler.update(overflow=not applied)
+        finally:
+            self._norm_done = False
+            self._overflow = False
+            self._clip_coef = None
+        return applied
+
+    def _before_step(self) -> None:
+        """Hook for subclasses: runs before the update pass of an applied step."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One optimizer step. ``closure`` runs the forward pass and returns the loss (no backward)."""
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step needs a closure that returns the loss: the update happens "
+                "inside the backward pass, so the optimizer must run it"
+            )
+        with torch.enable_grad():
+            loss = closure()
+            if self.needs_norm_pass:
+                self.grad_norm(loss)
+            self.fused_backward(loss)
+        return loss.detach()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: gradients never outlive the backward pass."""
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["fused"] = {
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A deep copy: loading from another live optimizer must not share its state tensors.
+        state_dict = copy.deepcopy(dict(state_dict))
+        fused = state_dict.pop("fused", None)
+        super().load_state_dict(state_dict)
+        if fused is not None:
+            self.global_step = int(fused["global_step"])
+            self.skipped_steps = int(fused["skipped_steps"])
+            if fused["loss_scaler"] is not None and self.scaler is not None:
+                self.scaler.load_state_dict(fused["loss_scaler"])

@@ -1,0 +1,1 @@
+"""The `lomo` command line (and, later, a typed REST client)."""

@@ -1,0 +1,120 @@
+"""`lomo`: the command line. `lomo train` runs a local training job with a progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Full-parameter fine-tuning with LOMO.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(lines: list[str], code: int = 2) -> None:
+    err.print("[bold red]error:[/] " + lines[0])
+    for line in lines[1:]:
+        err.print("  " + line)
+    raise typer.Exit(code)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        _fail([f"--config: file {str(path)!r} does not exist"])
+    except json.JSONDecodeError as e:
+        _fail([f"--config: {path}:{e.lineno}: invalid JSON: {e.msg}"])
+    if not isinstance(values, dict):
+        _fail([f"--config: {path} must hold a JSON object of training settings"])
+    return values
+
+
+@app.command()
+def train(
+    model: Optional[Path] = typer.Option(None, help="Hugging Face model folder"),
+    data: Optional[Path] = typer.Option(None, help="training data (.jsonl, .json or .txt)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder"),
+    optimizer: Optional[str] = typer.Option(None, help="lomo | adalomo | sgd | adamw"),
+    lr: Optional[float] = typer.Option(None, help="learning rate"),
+    epochs: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    max_seq_len: Optional[int] = typer.Option(None),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant | linear | cosine"),
+    warmup_steps: Optional[int] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None),
+    clip_grad_norm: Optional[float] = typer.Option(None),
+    clip_grad_value: Optional[float] = typer.Option(None),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    validation_data: Optional[Path] = typer.Option(None),
+    validation_split: Optional[float] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None),
+    save_every: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    resume_from: Optional[Path] = typer.Option(None, help="checkpoint folder, or 'latest' in the output folder"),
+    config: Optional[Path] = typer.Option(None, help="JSON file of settings; options given here override it"),
+) -> None:
+    """Fine-tune a causal LM on a data file; writes the model, metrics.jsonl and memory.json."""
+    from lomo_core.config import ConfigError, load_config
+    from lomo_core.data import DataError
+    from lomo_core.metrics import ProgressBarSink
+    from lomo_core.train import TrainingError, latest_checkpoint
+    from lomo_core.train import train as run_training
+
+    values = _read_config_file(config) if config is not None else {}
+    given = dict(
+        model=model, data=data, output_dir=output, optimizer=optimizer, lr=lr, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, max_seq_len=max_seq_len, packing=packing,
+        lr_schedule=lr_schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+        gradient_accumulation_steps=gradient_accumulation_steps, dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing, validation_data=validation_data,
+        validation_split=validation_split, eval_every=eval_every, save_every=save_every, seed=seed,
+        device=device, resume_from=resume_from,
+    )
+    values.update({k: v for k, v in given.items() if v is not None})
+    if str(values.get("resume_from")) == "latest":
+        found = latest_checkpoint(values.get("output_dir", "."))
+        if found is None:
+            _fail([f"resume_from: no checkpoint under {values.get('output_dir')}/checkpoints"])
+        values["resume_from"] = found
+    try:
+        cfg = load_config(values)
+    except ConfigError as e:
+        _fail(["invalid training configuration", *e.problems])
+    bar = ProgressBarSink(console=err)
+    try:
+        result = run_training(cfg, sinks=[bar])
+    except (DataError, TrainingError) as e:
+        bar.close()
+        _fail([str(e)], code=1)
+    bar.close()
+    out.print(f"trained {result.steps} steps, {result.trained_tokens} tokens in {result.seconds:.1f}s")
+    if result.losses:
+        out.print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+                  + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
+    if result.memory:
+        from lomo_core.memory import MemoryReport
+
+        out.print("memory: " + MemoryReport(**result.memory).summary())
+    out.print(f"output: {result.output_dir}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from lomo_core import __version__
+
+    out.print(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,261 @@
+"""Training data: instruction (SFT) and plain-text datasets, loss masking, padding / packing, batch order.
+
+Accepted files (format detected from the first record, or forced with ``data_format``):
+
+- JSONL (one object a line) or a JSON array of objects, with either
+  ``prompt`` / ``response``, or Alpaca's ``instruction`` / ``input`` / ``output``, or chat
+  ``messages`` (a list of ``{"role", "content"}``): loss only on the response / assistant tokens;
+  or ``text``: plain text, loss on every token;
+- ``.txt``: plain text, one document per blank-line-separated paragraph block.
+
+Every problem is reported with the file and line (or array index) it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+FORMATS = ("auto", "instruct", "text")
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+CHAT_FALLBACK = "<|{role}|>\n{content}\n"
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and the line."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """Return ``(line_number, record)`` pairs; plain-text files give ``{"text": block}`` records."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".txt":
+        records, line_no, block, start = [], 0, [], 1
+        for line_no, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                if not block:
+                    start = line_no
+                block.append(line)
+            elif block:
+                records.append((start, {"text": "\n".join(block)}))
+                block = []
+        if block:
+            records.append((start, {"text": "\n".join(block)}))
+        return records
+    if raw.lstrip().startswith("["):
+        try:
+            array = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return [(i, rec) for i, rec in enumerate(array, start=1)]
+    records = []
+    for line_no, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+    return records
+
+
+def detect_format(record: Any) -> str:
+    if isinstance(record, dict):
+        if "text" in record and not ({"prompt", "instruction", "messages"} & set(record)):
+            return "text"
+        return "instruct"
+    return "instruct"
+
+
+# ---------------------------------------------------------------------------------------------- turning records into (prompt, response) segments
+def _require_str(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    if key not in record:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _segments(record: Any, fmt: str, where: str, tokenizer: Any) -> list[tuple[str, bool]]:
+    """Split a record into text segments, each flagged with whether the loss is taken on it."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fmt == "text":
+        return [(_require_str(record, "text", where), True)]
+    if "messages" in record:
+        return _chat_segments(record["messages"], where, tokenizer)
+    if "instruction" in record:
+        instruction = _require_str(record, "instruction", where)
+        extra = record.get("input", "")
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+        output = _require_str(record, "output", where)
+        template = ALPACA_TEMPLATE_WITH_INPUT if extra.strip() else ALPACA_TEMPLATE
+        return [(template.format(instruction=instruction, input=extra), False), (output, True)]
+    if "prompt" in record or "response" in record:
+        return [(_require_str(record, "prompt", where), False), (_require_str(record, "response", where), True)]
+    raise DataError(
+        f"{where}: no usable fields: expected 'prompt'/'response', 'instruction'/'output', 'messages' "
+        f"or 'text', got {sorted(record)}"
+    )
+
+
+def _chat_segments(messages: Any, where: str, tokenizer: Any) -> list[tuple[str, bool]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if msg["role"] not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"{where}: messages[{i}].role {msg['role']!r} is not system/user/assistant/tool")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: no non-empty assistant message to learn from")
+
+    def render(msgs: list[dict]) -> str:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(msgs, tokenize=False)
+        return "".join(CHAT_FALLBACK.format(**m) for m in msgs)
+
+    # Render growing prefixes so each message's text is exactly what the template adds for it.
+    segments, previous = [], ""
+    for i, msg in enumerate(messages):
+        rendered = render(messages[: i + 1])
+        if not rendered.startswith(previous):
+            raise DataError(f"{where}: the chat template does not render messages incrementally")
+        segments.append((rendered[len(previous):], msg["role"] == "assistant"))
+        previous = rendered
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------- tokenising
+def tokenize_record(record: Any, fmt: str, tokenizer: Any, max_length: int, where: str) -> Example:
+    ids: list[int] = []
+    labels: list[int] = []
+    if tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, trained in _segments(record, fmt, where, tokenizer):
+        seg = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids.extend(seg)
+        labels.extend(seg if trained else [IGNORE_INDEX] * len(seg))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return Example(ids[:max_length], labels[:max_length])
+
+
+@dataclass
+class LoadedData:
+    examples: list[Example]
+    format: str
+    truncated: int
+    dropped: int  # examples whose response was cut away entirely by truncation
+
+
+def load_examples(path: str | Path, tokenizer: Any, max_length: int, data_format: str = "auto") -> LoadedData:
+    if data_format not in FORMATS:
+        raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    records = read_records(path)
+    if not records:
+        raise DataError(f"{path}: the file has no records")
+    fmt = detect_format(records[0][1]) if data_format == "auto" else data_format
+    examples, truncated, dropped = [], 0, 0
+    for line_no, record in records:
+        where = f"{path}:{line_no}"
+        full = tokenize_record(record, fmt, tokenizer, max_length=10**9, where=where)
+        if len(full.input_ids) > max_length:
+            truncated += 1
+        example = Example(full.input_ids[:max_length], full.labels[:max_length])
+        # Labels are shifted by one inside the model: position 0 never contributes to the loss.
+        if not any(label != IGNORE_INDEX for label in example.labels[1:]):
+            dropped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise DataError(
+            f"{path}: no example has a response token left within max_seq_len={max_length}; "
+            "raise max_seq_len or shorten the prompts"
+        )
+    return LoadedData(examples, fmt, truncated, dropped)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples into rows of exactly ``seq_len`` tokens (the last partial row is kept)."""
+    rows, ids, labels = [], [], []
+    for ex in examples:
+        ids.extend(ex.input_ids)
+        labels.extend(ex.labels)
+        while len(ids) >= seq_len:
+            rows.append(Example(ids[:seq_len], labels[:seq_len]))
+            ids, labels = ids[seq_len:], labels[seq_len:]
+    if len(ids) > 1 and any(label != IGNORE_INDEX for label in labels[1:]):
+        rows.append(Example(ids, labels))
+    return rows
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchPlan:
+    """A deterministic batch order: epoch ``e`` is a permutation drawn from ``seed + e``.
+
+    The position (epoch, index) fully determines the next batch, which is what a checkpoint stores.
+    """
+
+    def __init__(self, rows: list[Example], batch_size: int, seed: int, shuffle: bool, pad_id: int):
+        if not rows:
+            raise DataError("no training rows")
+        self.rows = rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.pad_id = pad_id
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.rows)))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.rows), generator=generator).tolist()
+
+    def iterate(self, epoch: int, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        order = self.order(epoch)
+        for index in range(start, self.batches_per_epoch):
+            chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+            yield index, collate([self.rows[i] for i in chosen], self.pad_id)

@@ -1,0 +1,343 @@
+"""The training loop for Hugging Face causal LMs: setup -> fit -> save.
+
+The same loop runs from the CLI, from tests and (later) inside the job worker; only the metric sinks
+differ. Numbers leave the loop through ``sink.write(kind, step, payload)``, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lomo_core.config import FUSED_OPTIMIZERS, TrainConfig, load_config
+from lomo_core.data import IGNORE_INDEX, BatchPlan, DataError, load_examples, pack_examples
+from lomo_core.memory import StepMemoryMeter
+from lomo_core.metrics import JsonlSink, MetricSink, MultiSink
+from lomo_core.optim import LOMO, AdaLomo
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, unusable model); the message says what to change."""
+
+
+@dataclass
+class Position:
+    """Where the run is: ``step`` updates done; the next batch is ``index`` of ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    plan: BatchPlan
+    validation: BatchPlan | None
+    device: torch.device
+    total_steps: int
+    position: Position = field(default_factory=Position)
+
+    @property
+    def fused(self) -> bool:
+        return self.config.optimizer in FUSED_OPTIMIZERS
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path | None
+    steps: int
+    losses: list[float]
+    val_loss: float | None
+    memory: dict[str, Any] | None
+    trained_tokens: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _load_model(folder: Path, config: TrainConfig, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=config.torch_dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainingError(f"cannot load a causal LM from {folder}: {e}") from None
+    model.to(device)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        # Non-reentrant: each parameter's gradient completes once per backward, as the fused update needs.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def _make_optimizer(config: TrainConfig, model: Any) -> torch.optim.Optimizer:
+    clip = dict(clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value)
+    if config.optimizer == "lomo":
+        return LOMO(model, lr=config.lr, weight_decay=config.weight_decay, **clip)
+    if config.optimizer == "adalomo":
+        return AdaLomo(model, lr=config.lr, weight_decay=config.weight_decay, **clip)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(round(len(rows) * fraction)))
+    if n_val >= len(rows):
+        raise DataError(f"validation_split={fraction} leaves no training rows out of {len(rows)}")
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def setup(config: TrainConfig) -> Run:
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = _pick_device(config.device)
+    folder = config.resume_from if config.resume_from is not None else config.model
+    model, tokenizer = _load_model(folder, config, device)
+
+    loaded = load_examples(config.data, tokenizer, config.max_seq_len, config.data_format)
+    rows = loaded.examples
+    val_rows = None
+    if config.validation_data is not None:
+        val_rows = load_examples(config.validation_data, tokenizer, config.max_seq_len, config.data_format).examples
+    elif config.validation_split > 0:
+        rows, val_rows = _split(rows, config.validation_split, config.seed)
+    if config.packing:
+        rows = pack_examples(rows, config.max_seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    plan = BatchPlan(rows, config.batch_size, config.seed, config.shuffle, pad_id)
+    validation = BatchPlan(val_rows, config.batch_size, config.seed, False, pad_id) if val_rows else None
+    total = config.max_steps if config.max_steps is not None else config.epochs * plan.batches_per_epoch
+
+    run = Run(config, model, tokenizer, _make_optimizer(config, model), plan, validation, device, total)
+    run.data_summary = {  # type: ignore[attr-defined]
+        "format": loaded.format, "examples": len(loaded.examples), "truncated": loaded.truncated,
+        "dropped": loaded.dropped, "rows": len(rows), "validation_rows": len(val_rows or []),
+    }
+    if config.resume_from is not None:
+        _restore(run, config.resume_from)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def lr_at(config: TrainConfig, step: int, total: int) -> float:
+    """The learning rate for update number ``step`` (0-based): linear warmup, then the schedule."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    decay_steps = max(total - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
+    floor = config.min_lr_ratio
+    if config.lr_schedule == "linear":
+        factor = 1.0 - (1.0 - floor) * progress
+    else:
+        factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * factor
+
+
+def _checked_loss(model: Any, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    loss = model(**batch).loss
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"the loss became {loss.item()} at step {step + 1}: lower lr, enable clip_grad_norm, "
+            "or use bf16/fp32 instead of fp16"
+        )
+    return loss
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float) -> tuple[float, float | None]:
+    """One update; returns (loss, gradient norm if it was computed)."""
+    model, optimizer, config = run.model, run.optimizer, run.config
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step = run.position.step
+    if run.fused:
+        loss = optimizer.step(lambda: _checked_loss(model, batch, step))
+        return loss.item(), optimizer.last_grad_norm if optimizer.needs_norm_pass else None
+    optimizer.zero_grad(set_to_none=True)
+    loss = _checked_loss(model, batch, step)
+    loss.backward()
+    grad_norm = None
+    if config.clip_grad_value is not None:
+        torch.nn.utils.clip_grad_value_(model.parameters(), config.clip_grad_value)
+    if config.clip_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
+    optimizer.step()
+    return loss.item(), grad_norm
+
+
+def _target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """Token-weighted mean loss over the whole validation set."""
+    assert run.validation is not None
+    was_training = run.model.training
+    run.model.eval()
+    total, tokens = 0.0, 0
+    for _, batch in run.validation.iterate(0):
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        n = _target_tokens(batch)
+        total += run.model(**batch).loss.item() * n
+        tokens += n
+    run.model.train(was_training)
+    return total / max(tokens, 1)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(run: Run) -> Path:
+    """A Hugging Face folder (safetensors + tokenizer) plus optimizer state, position and RNG."""
+    root = run.config.output_dir / "checkpoints"
+    final = root / f"step-{run.position.step:06d}"
+    partial = root / f".partial-step-{run.position.step:06d}"
+    shutil.rmtree(partial, ignore_errors=True)
+    run.model.save_pretrained(partial, safe_serialization=True)
+    run.tokenizer.save_pretrained(partial)
+    torch.save(
+        {
+            "position": vars(run.position).copy(),
+            "optimizer": run.optimizer.state_dict(),
+            "rng": _rng_state(),
+            "config": json.loads(run.config.model_dump_json()),
+        },
+        partial / STATE_FILE,
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)  # a checkpoint folder is either complete or absent
+    kept = sorted(p for p in root.iterdir() if p.name.startswith("step-"))
+    for old in kept[: -run.config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _restore(run: Run, folder: Path) -> None:
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.position = Position(**state["position"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = Path(output_dir) / "checkpoints"
+    found = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def fit(run: Run, sink: MetricSink) -> TrainResult:
+    config, pos = run.config, run.position
+    meter = StepMemoryMeter(run.model, run.optimizer, run.device)
+    track_every_step = run.device.type == "cuda"
+    losses: list[float] = []
+    val_loss, last_memory, trained_tokens = None, None, 0
+    started = time.perf_counter()
+    run.model.train()
+    sink.write("start", pos.step, {"total_steps": run.total_steps, "step": pos.step, **run.data_summary})
+
+    while pos.step < run.total_steps:
+        for index, batch in run.plan.iterate(pos.epoch, pos.index):
+            if pos.step >= run.total_steps:
+                break
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            lr = lr_at(config, pos.step, run.total_steps)
+            track = track_every_step or pos.step == 0 or (pos.step + 1) % config.memory_interval == 0
+            tic = time.perf_counter()
+            with meter.measure() if track else contextlib.nullcontext() as measured:
+                loss, grad_norm = train_step(run, batch, lr)
+            seconds = time.perf_counter() - tic
+            pos.step, pos.index = pos.step + 1, index + 1
+            tokens = int(batch["attention_mask"].sum())
+            trained_tokens += tokens
+            losses.append(loss)
+            sink.write("train", pos.step, {
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "tokens_per_s": tokens / seconds, "step_seconds": seconds, "epoch": pos.epoch,
+                "loss_scale": getattr(run.optimizer, "loss_scale", None),
+            })
+            if track and measured is not None and measured.report is not None:
+                last_memory = measured.report.as_dict()
+                sink.write("memory", pos.step, last_memory)
+            if run.validation is not None and config.eval_every and pos.step % config.eval_every == 0:
+                val_loss = validation_loss(run)
+                sink.write("val", pos.step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))})
+            if config.save_every and pos.step % config.save_every == 0:
+                sink.write("checkpoint", pos.step, {"path": str(save_checkpoint(run))})
+        else:
+            pos.epoch, pos.index = pos.epoch + 1, 0
+
+    if run.validation is not None and not (config.eval_every and pos.step % config.eval_every == 0):
+        val_loss = validation_loss(run)
+        sink.write("val", pos.step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))})
+    model_dir = None
+    if config.save_final_model:
+        model_dir = config.output_dir / "model"
+        run.model.save_pretrained(model_dir, safe_serialization=True)
+        run.tokenizer.save_pretrained(model_dir)
+    result = TrainResult(config.output_dir, model_dir, pos.step, losses, val_loss, last_memory,
+                         trained_tokens, time.perf_counter() - started)
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
+    (config.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if last_memory is not None:
+        (config.output_dir / "memory.json").write_text(json.dumps(last_memory, indent=2))
+    sink.write("end", pos.step, {"steps": pos.step, "val_loss": val_loss})
+    return result
+
+
+def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = ()) -> TrainResult:
+    """Run a whole training job. ``config`` may be a TrainConfig or a plain dict of its fields."""
+    if not isinstance(config, TrainConfig):
+        config = load_config(config)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the sinks report progress; no tqdm bars from save_pretrained
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    sink = MultiSink([JsonlSink(config.output_dir / "metrics.jsonl"), *sinks])
+    try:
+        return fit(setup(config), sink)
+    finally:
+        sink.close()

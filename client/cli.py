@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -35,32 +35,32 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 @app.command()
 def train(
-    model: Optional[Path] = typer.Option(None, help="Hugging Face model folder"),
-    data: Optional[Path] = typer.Option(None, help="training data (.jsonl, .json or .txt)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder"),
-    optimizer: Optional[str] = typer.Option(None, help="lomo | adalomo | sgd | adamw"),
-    lr: Optional[float] = typer.Option(None, help="learning rate"),
-    epochs: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    max_seq_len: Optional[int] = typer.Option(None),
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
-    lr_schedule: Optional[str] = typer.Option(None, help="constant | linear | cosine"),
-    warmup_steps: Optional[int] = typer.Option(None),
-    weight_decay: Optional[float] = typer.Option(None),
-    clip_grad_norm: Optional[float] = typer.Option(None),
-    clip_grad_value: Optional[float] = typer.Option(None),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    validation_data: Optional[Path] = typer.Option(None),
-    validation_split: Optional[float] = typer.Option(None),
-    eval_every: Optional[int] = typer.Option(None),
-    save_every: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    resume_from: Optional[Path] = typer.Option(None, help="checkpoint folder, or 'latest' in the output folder"),
-    config: Optional[Path] = typer.Option(None, help="JSON file of settings; options given here override it"),
+    model: Path | None = typer.Option(None, help="Hugging Face model folder"),
+    data: Path | None = typer.Option(None, help="training data (.jsonl, .json or .txt)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="output folder"),
+    optimizer: str | None = typer.Option(None, help="lomo | adalomo | sgd | adamw"),
+    lr: float | None = typer.Option(None, help="learning rate"),
+    epochs: int | None = typer.Option(None),
+    max_steps: int | None = typer.Option(None),
+    batch_size: int | None = typer.Option(None),
+    max_seq_len: int | None = typer.Option(None),
+    packing: bool | None = typer.Option(None, "--packing/--no-packing"),
+    lr_schedule: str | None = typer.Option(None, help="constant | linear | cosine"),
+    warmup_steps: int | None = typer.Option(None),
+    weight_decay: float | None = typer.Option(None),
+    clip_grad_norm: float | None = typer.Option(None),
+    clip_grad_value: float | None = typer.Option(None),
+    gradient_accumulation_steps: int | None = typer.Option(None),
+    dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
+    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    validation_data: Path | None = typer.Option(None),
+    validation_split: float | None = typer.Option(None),
+    eval_every: int | None = typer.Option(None),
+    save_every: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    resume_from: Path | None = typer.Option(None, help="checkpoint folder, or 'latest' in the output folder"),
+    config: Path | None = typer.Option(None, help="JSON file of settings; options given here override it"),
 ) -> None:
     """Fine-tune a causal LM on a data file; writes the model, metrics.jsonl and memory.json."""
     from lomo_core.config import ConfigError, load_config

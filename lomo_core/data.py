@@ -86,7 +86,7 @@ def detect_format(record: Any) -> str:
     return "instruct"
 
 
-# ---------------------------------------------------------------------------------------------- turning records into (prompt, response) segments
+# ---- turning records into (prompt, response) segments
 def _require_str(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
     if key not in record:
         raise DataError(f"{where}: missing field {key!r}")

@@ -177,15 +177,17 @@ def _checked_loss(model: Any, batch: dict[str, torch.Tensor], step: int) -> torc
     return loss
 
 
-def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float) -> tuple[float, float | None]:
-    """One update; returns (loss, gradient norm if it was computed)."""
+def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float) -> tuple[float, float | None, bool]:
+    """One update; returns (loss, gradient norm if it was computed, whether the update was applied)."""
     model, optimizer, config = run.model, run.optimizer, run.config
     for group in optimizer.param_groups:
         group["lr"] = lr
     step = run.position.step
     if run.fused:
+        skipped_before = optimizer.skipped_steps
         loss = optimizer.step(lambda: _checked_loss(model, batch, step))
-        return loss.item(), optimizer.last_grad_norm if optimizer.needs_norm_pass else None
+        grad_norm = optimizer.last_grad_norm if optimizer.needs_norm_pass else None
+        return loss.item(), grad_norm, optimizer.skipped_steps == skipped_before
     optimizer.zero_grad(set_to_none=True)
     loss = _checked_loss(model, batch, step)
     loss.backward()
@@ -195,7 +197,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float) -> tuple[flo
     if config.clip_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
     optimizer.step()
-    return loss.item(), grad_norm
+    return loss.item(), grad_norm, True
 
 
 def _target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -288,7 +290,7 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
             track = track_every_step or pos.step == 0 or (pos.step + 1) % config.memory_interval == 0
             tic = time.perf_counter()
             with meter.measure() if track else contextlib.nullcontext() as measured:
-                loss, grad_norm = train_step(run, batch, lr)
+                loss, grad_norm, applied = train_step(run, batch, lr)
             seconds = time.perf_counter() - tic
             pos.step, pos.index = pos.step + 1, index + 1
             tokens = int(batch["attention_mask"].sum())
@@ -297,7 +299,7 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
             sink.write("train", pos.step, {
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "tokens_per_s": tokens / seconds, "step_seconds": seconds, "epoch": pos.epoch,
-                "loss_scale": getattr(run.optimizer, "loss_scale", None),
+                "loss_scale": getattr(run.optimizer, "loss_scale", None), "skipped": not applied,
             })
             if track and measured is not None and measured.report is not None:
                 last_memory = measured.report.as_dict()

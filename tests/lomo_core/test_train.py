@@ -158,3 +158,26 @@ def test_cli_rejects_bad_options_with_field_names(base, tmp_path):
     assert "model: folder '/no/model' does not exist" in done.stderr
     assert "lr: Input should be greater than 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_run(base, tmp_path):
+    settings = {**base, "max_steps": 3, "clip_grad_norm": 1.0, "save_final_model": False}
+    plain = train({**settings, "output_dir": tmp_path / "a"})
+    checkpointed = train({**settings, "output_dir": tmp_path / "b", "gradient_checkpointing": True})
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_runs(base, dtype):
+    sink = ListSink()
+    result = train({**base, "dtype": dtype, "max_steps": 3, "save_final_model": False}, sinks=[sink])
+    assert result.steps == 3 and all(math.isfinite(x) for x in result.losses)
+    records = sink.of("train")
+    if dtype == "bf16":
+        assert [r["loss_scale"] for r in records] == [1.0] * 3 and not any(r["skipped"] for r in records)
+        return
+    scale = 65536.0  # fp16: each overflowed (skipped) step halves the scale, a clean one keeps it
+    for r in records:
+        scale = scale / 2 if r["skipped"] else scale
+        assert r["loss_scale"] == scale
+    assert not records[-1]["skipped"]

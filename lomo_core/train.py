@@ -94,7 +94,11 @@ def _load_model(folder: Path, config: TrainConfig, device: torch.device) -> tupl
     model.config.use_cache = False
     if config.gradient_checkpointing:
         # Non-reentrant: each parameter's gradient completes once per backward, as the fused update needs.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, tokenizer
 
 

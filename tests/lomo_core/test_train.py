@@ -165,6 +165,8 @@ def test_gradient_checkpointing_gives_the_same_run(base, tmp_path):
     plain = train({**settings, "output_dir": tmp_path / "a"})
     checkpointed = train({**settings, "output_dir": tmp_path / "b", "gradient_checkpointing": True})
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+    run = setup(load_config({**settings, "output_dir": tmp_path / "c", "gradient_checkpointing": True}))
+    assert run.model.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

@@ -47,6 +47,9 @@ class TrainConfig(BaseModel):
 
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    loss_chunk_size: int | None = Field(
+        None, ge=1, description="compute the loss in chunks of this many tokens, never holding the full logits"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (and at the end)")

@@ -23,6 +23,7 @@ import torch
 
 from lomo_core.config import FUSED_OPTIMIZERS, TrainConfig, load_config
 from lomo_core.data import IGNORE_INDEX, BatchPlan, DataError, load_examples, pack_examples
+from lomo_core.loss import chunked_causal_lm_loss, supports_chunked_loss
 from lomo_core.memory import StepMemoryMeter
 from lomo_core.metrics import JsonlSink, MetricSink, MultiSink
 from lomo_core.optim import LOMO, AdaLomo
@@ -55,6 +56,13 @@ class Run:
     device: torch.device
     total_steps: int
     position: Position = field(default_factory=Position)
+    loss_chunk_size: int | None = None
+    notes: list[str] = field(default_factory=list)  # decisions taken at setup, reported as events
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_chunk_size:
+            return chunked_causal_lm_loss(self.model, batch, self.loss_chunk_size)
+        return self.model(**batch).loss
 
     @property
     def fused(self) -> bool:
@@ -149,6 +157,16 @@ def setup(config: TrainConfig) -> Run:
         "format": loaded.format, "examples": len(loaded.examples), "truncated": loaded.truncated,
         "dropped": loaded.dropped, "rows": len(rows), "validation_rows": len(val_rows or []),
     }
+    if config.loss_chunk_size:
+        _, first = next(plan.iterate(0))
+        first = {k: v.to(device) for k, v in first.items()}
+        model.eval()
+        if supports_chunked_loss(model, first, config.loss_chunk_size):
+            run.loss_chunk_size = config.loss_chunk_size
+        else:
+            run.notes.append("loss_chunk_size ignored: this model's logits are not a plain linear projection "
+                             "of its last hidden state, so the chunked loss would differ; using its own loss")
+        model.train()
     if config.resume_from is not None:
         _restore(run, config.resume_from)
     return run
@@ -171,8 +189,8 @@ def lr_at(config: TrainConfig, step: int, total: int) -> float:
     return config.lr * factor
 
 
-def _checked_loss(model: Any, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-    loss = model(**batch).loss
+def _checked_loss(run: Run, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    loss = run.loss(batch)
     if not torch.isfinite(loss):
         raise TrainingError(
             f"the loss became {loss.item()} at step {step + 1}: lower lr, enable clip_grad_norm, "
@@ -189,11 +207,11 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float) -> tuple[flo
     step = run.position.step
     if run.fused:
         skipped_before = optimizer.skipped_steps
-        loss = optimizer.step(lambda: _checked_loss(model, batch, step))
+        loss = optimizer.step(lambda: _checked_loss(run, batch, step))
         grad_norm = optimizer.last_grad_norm if optimizer.needs_norm_pass else None
         return loss.item(), grad_norm, optimizer.skipped_steps == skipped_before
     optimizer.zero_grad(set_to_none=True)
-    loss = _checked_loss(model, batch, step)
+    loss = _checked_loss(run, batch, step)
     loss.backward()
     grad_norm = None
     if config.clip_grad_value is not None:
@@ -218,7 +236,7 @@ def validation_loss(run: Run) -> float:
     for _, batch in run.validation.iterate(0):
         batch = {k: v.to(run.device) for k, v in batch.items()}
         n = _target_tokens(batch)
-        total += run.model(**batch).loss.item() * n
+        total += run.loss(batch).item() * n
         tokens += n
     run.model.train(was_training)
     return total / max(tokens, 1)
@@ -284,6 +302,8 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
     started = time.perf_counter()
     run.model.train()
     sink.write("start", pos.step, {"total_steps": run.total_steps, "step": pos.step, **run.data_summary})
+    for note in run.notes:
+        sink.write("event", pos.step, {"message": note})
 
     while pos.step < run.total_steps:
         for index, batch in run.plan.iterate(pos.epoch, pos.index):

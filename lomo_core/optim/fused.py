@@ -23,6 +23,7 @@ from torch import nn
 
 from lomo_core.optim.scaler import DynamicLossScaler
 
+_SLICE = 1 << 18  # elements per slice of a half-precision update: 1 MiB of fp32
 _NORM_PASS = "norm"
 _UPDATE_PASS = "update"
 
@@ -38,6 +39,10 @@ def _check_positive(name: str, value: float | None, problems: list[str], allow_n
 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses implement :meth:`_apply_update` for one parameter."""
+
+    #: True when the update of each element depends on that element alone (LOMO), so a parameter may
+    #: be updated slice by slice; AdaLomo's row / column statistics need the whole tensor.
+    elementwise_update = False
 
     def __init__(
         self,
@@ -86,6 +91,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._seen: set[int] = set()
         self._norms: list[torch.Tensor] = []
         self._clip_coef: torch.Tensor | None = None
+        self._clip_coef_value = 1.0
         self._norm_done = False
         self._overflow = False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for _, p in named]
@@ -142,8 +148,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self._pass == _NORM_PASS:
                 self._norms.append(self._grad_norm_of(grad))
             else:
-                group = self.param_groups[0]
-                self._apply_update(p, self._prepare_grad(grad), group)
+                self._update(p, grad, self.param_groups[0])
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        same_layout = p.is_contiguous() and grad.is_contiguous()
+        if not (self.elementwise_update and same_layout) or (p.dtype == grad.dtype == torch.float32):
+            self._apply_update(p, self._prepare_grad(grad), group)
+            return
+        # Half-precision parameters: the fp32 arithmetic, one cache-sized slice at a time. Every
+        # operation is elementwise, so the bits are those of the whole-tensor computation, without two
+        # full-size fp32 copies and with the temporaries staying in cache.
+        flat_p, flat_g = p.view(-1), grad.view(-1)
+        for start in range(0, flat_p.numel(), _SLICE):
+            self._apply_update(flat_p[start:start + _SLICE], self._prepare_grad(flat_g[start:start + _SLICE]), group)
 
     def _grad_norm_of(self, grad: torch.Tensor) -> torch.Tensor:
         if self.clip_grad_value is None:
@@ -205,8 +222,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.clip_grad_norm is not None and not self._overflow:
             # The same arithmetic as torch.nn.utils.clip_grad_norm_.
             self._clip_coef = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
+            self._clip_coef_value = float(self._clip_coef)
         else:
             self._clip_coef = None
+            self._clip_coef_value = 1.0
         self._norm_done = True
         return total_value
 
@@ -243,6 +262,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._norm_done = False
             self._overflow = False
             self._clip_coef = None
+            self._clip_coef_value = 1.0
         return applied
 
     def _before_step(self) -> None:

@@ -20,6 +20,8 @@ class LOMO(FusedOptimizer):
     parameter dtype, and fp16 parameters get dynamic loss scaling.
     """
 
+    elementwise_update = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -30,6 +32,16 @@ class LOMO(FusedOptimizer):
         loss_scale_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, lr, clip_grad_norm, clip_grad_value, weight_decay, loss_scale_args)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        if (group["weight_decay"] == 0 and self.clip_grad_value is None
+                and p.dtype == torch.float32 and grad.dtype == torch.float32):
+            # One kernel: p += (-lr * clip_coef / loss_scale) * grad. Without clipping the multiplier
+            # is 1 and this is exactly SGD's operation.
+            multiplier = self._clip_coef_value / (self.scaler.scale if self.scaler is not None else 1.0)
+            p.add_(grad, alpha=-group["lr"] * multiplier)
+            return
+        super()._update(p, grad, group)
 
     def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         lr, weight_decay = group["lr"], group["weight_decay"]

@@ -351,3 +351,40 @@ def test_adalomo_state_matters_for_resume():
 def test_adalomo_bad_configuration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaLomo(tiny_llama(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_update_without_weight_decay_rounds_once(dtype):
+    """The single-kernel path for half parameters gives the fp32 arithmetic, rounded once."""
+    model = tiny_llama(dtype=dtype)
+    ids = batches(1)[0]
+    probe = clone(model)
+    scale = 2.0**8 if dtype == torch.float16 else 1.0
+    (lm_loss(probe, ids) * scale).backward()
+    opt = LOMO(model, lr=0.01, loss_scale_args={"init_scale": scale} if dtype == torch.float16 else None)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(lambda: lm_loss(model, ids))
+    grads = dict(probe.named_parameters())
+    for n, p in model.named_parameters():
+        expected = (start[n].float() - 0.01 * (grads[n].grad.float() * (1.0 / scale))).to(dtype)
+        assert torch.equal(p, expected), n
+
+
+def test_sliced_half_precision_update_equals_whole_tensor_update(monkeypatch):
+    """Parameters larger than one slice are updated slice by slice with exactly the same bits."""
+    import lomo_core.optim.fused as fused
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(1024, 600), torch.nn.Tanh(), torch.nn.Linear(600, 1)).to(torch.bfloat16)
+    assert base[0].weight.numel() > 2 * fused._SLICE
+    x = torch.randn(8, 1024, dtype=torch.bfloat16)
+    results = []
+    for slice_size in (fused._SLICE, 1 << 40):
+        monkeypatch.setattr(fused, "_SLICE", slice_size)
+        model = clone(base)
+        opt = LOMO(model, lr=0.05, weight_decay=0.1, clip_grad_value=0.01, clip_grad_norm=0.5)
+        for _ in range(2):
+            opt.step(lambda model=model: model(x).float().pow(2).mean())
+        results.append(model)
+    assert max_diff(results[0], base) > 0
+    assert max_diff(results[0], results[1]) == 0.0

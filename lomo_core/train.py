@@ -57,6 +57,7 @@ class Run:
     total_steps: int
     position: Position = field(default_factory=Position)
     loss_chunk_size: int | None = None
+    data_summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # decisions taken at setup, reported as events
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -153,7 +154,7 @@ def setup(config: TrainConfig) -> Run:
     total = config.max_steps if config.max_steps is not None else config.epochs * plan.batches_per_epoch
 
     run = Run(config, model, tokenizer, _make_optimizer(config, model), plan, validation, device, total)
-    run.data_summary = {  # type: ignore[attr-defined]
+    run.data_summary = {
         "format": loaded.format, "examples": len(loaded.examples), "truncated": loaded.truncated,
         "dropped": loaded.dropped, "rows": len(rows), "validation_rows": len(val_rows or []),
     }

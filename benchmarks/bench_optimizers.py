@@ -58,13 +58,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=768, help="hidden size (heads = hidden // 64)")
     p.add_argument("--layers", type=int, default=12, help="number of decoder layers")
     p.add_argument("--intermediate", type=int, default=None,
-                   help="MLP size (default: 8/3 * hidden rounded up to a multiple of 64; 2048 for 768)")
+                   help="MLP size (None: 8/3 * hidden rounded up to a multiple of 64, 2048 for 768)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every configuration this many times, round-robin, and report the fastest run "
+                        "(for machines where other work competes for the CPUs)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="compute the loss with lomo_core.loss.chunked_causal_lm_loss in chunks of this many tokens "
+                        "(no full logits held); 0: the model's own loss")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate for every method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (None: the usable CPU cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    p.add_argument("--out", default=None, help="markdown report to write (the report is printed in any case)")
     p.add_argument("--json", default=None, help="also write the raw per-worker results to this JSON file")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per worker")
     p.add_argument("--worker", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
@@ -78,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.intermediate = -(-(8 * args.hidden // 3) // 64) * 64
     if args.threads is None:
         args.threads = usable_cpus()
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeat < 1 or args.loss_chunk < 0:
+        p.error("--steps and --repeat must be >= 1, --warmup >= 0")
     return args
 
 
@@ -96,7 +102,8 @@ def worker_argv(args: argparse.Namespace, method: str, dtype: str) -> list[str]:
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq", str(args.seq),
         "--batch", str(args.batch), "--hidden", str(args.hidden), "--layers", str(args.layers),
         "--intermediate", str(args.intermediate), "--vocab", str(args.vocab), "--lr", repr(args.lr),
-        "--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device,
+        "--seed", str(args.seed), "--loss-chunk", str(args.loss_chunk), "--threads", str(args.threads),
+        "--device", args.device,
     ]
 
 
@@ -107,6 +114,49 @@ def current_rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return None
+
+
+def lomo_core_digest() -> str:
+    """Short hash of the lomo_core sources this benchmark runs (the optimizers and the memory meter), as this
+    process sees them: detects code changed mid-run."""
+    import hashlib
+
+    h = hashlib.sha1()
+    root = REPO_ROOT / "lomo_core"
+    files = [root / "__init__.py", root / "memory.py", *(root / "optim").rglob("*.py")]
+    for f in sorted(f for f in files if f.is_file()):
+        h.update(f.relative_to(REPO_ROOT).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def git_revision() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lomo_core"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" (lomo_core modified)" if dirty else "")
+
+
+def cpu_busy_seconds() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat (None where unavailable)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    steal = fields[7] if len(fields) > 7 else 0
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def build_model(args: argparse.Namespace, dtype: Any, device: Any) -> Any:
@@ -140,11 +190,15 @@ def make_batches(args: argparse.Namespace, count: int, device: Any) -> list[Any]
     return [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(count)]
 
 
-def make_step(method: str, model: Any, lr: float) -> tuple[Any, Any]:
+def make_step(method: str, model: Any, lr: float, loss_chunk: int = 0) -> tuple[Any, Any]:
     """Returns (optimizer or None, step(batch) -> loss float) for one method."""
     import torch
 
     def forward(batch: Any) -> Any:
+        if loss_chunk:
+            from lomo_core.loss import chunked_causal_lm_loss
+
+            return chunked_causal_lm_loss(model, {"input_ids": batch, "labels": batch}, loss_chunk)
         return model(input_ids=batch, labels=batch).loss
 
     if method == "forward_graph":
@@ -206,7 +260,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
 
-    load_start = os.getloadavg()
+    digest = lomo_core_digest()
     rss_start = current_rss_bytes()
     model = build_model(args, dtype, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -217,7 +271,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     baseline_peak_rss = peak_rss_bytes()
 
     batches = make_batches(args, args.warmup + args.steps + 1, device)
-    opt, step = make_step(method, model, args.lr)
+    opt, step = make_step(method, model, args.lr, args.loss_chunk)
 
     losses = []
     for i in range(args.warmup):
@@ -226,13 +280,22 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    machine0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
     for i in range(args.warmup, args.warmup + args.steps):
         t0 = time.perf_counter()
         losses.append(step(batches[i]))
         sync()
         times.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - wall0
+    machine1, own1 = cpu_busy_seconds(), own_cpu_seconds()
     peak_rss = peak_rss_bytes()
-    load_timed = os.getloadavg()
+    # CPU time other processes used while the timed steps ran, as a fraction of all CPUs' time: well
+    # above 0 means the timings competed with something else and are pessimistic.
+    ncpu = os.cpu_count() or 1
+    foreign = steal = None
+    if machine0 is not None and machine1 is not None:
+        foreign = max(0.0, (machine1[0] - machine0[0]) - (own1 - own0)) / (wall * ncpu)
+        steal = (machine1[1] - machine0[1]) / (wall * ncpu)
     device_peak = torch.cuda.max_memory_allocated(device) if cuda else None
 
     # One more step under the memory meter (slow on the CPU: tensor-level tracking).
@@ -250,7 +313,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     tokens = args.batch * args.seq * args.steps
     return {
-        "method": method, "dtype": dtype_name, "device": str(device), "threads": torch.get_num_threads(),
+        "method": method, "dtype": dtype_name, "device": str(device), "lomo_core_digest": digest,
+        "threads": torch.get_num_threads(),
         "n_params": n_params, "largest_param": largest_name, "largest_param_numel": largest.numel(),
         "dtype_bytes": largest.element_size(),
         "step_times_s": times, "tokens_per_s": tokens / sum(times),
@@ -258,7 +322,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_peak_rss_bytes": baseline_peak_rss, "peak_rss_bytes": peak_rss,
         "device_peak_bytes": device_peak,
         "memory": report.as_dict(), "meter_step_s": meter_s,
-        "load_avg_start": load_start, "load_avg_after_timed": load_timed,
+        "foreign_cpu_frac": foreign, "steal_cpu_frac": steal, "own_cpu_per_wall": (own1 - own0) / wall,
+        "load_avg": os.getloadavg(),
         "losses": losses, "finite": all(x == x and abs(x) != float("inf") for x in losses),
     }
 
@@ -286,6 +351,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu_model, "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "transformers": transformers.__version__, "lomo_optim": ref_version,
+        "git": git_revision(), "lomo_core_digest": lomo_core_digest(),
     }
     try:
         with open("/proc/meminfo") as f:
@@ -321,15 +387,19 @@ def mib(x: float | None) -> str:
     return "-" if x is None else f"{x / MiB:.1f}"
 
 
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}"
+
+
 def fmt_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| method | dtype | tokens/s | peak RSS MiB | RSS after build MiB | tracked peak MiB | params MiB "
-        "| grads MiB | opt state MiB | activations MiB | other MiB | last loss | load avg |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| grads MiB | opt state MiB | activations MiB | other MiB | last loss | other CPU % | runs tok/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['dtype']} | ERROR: {r['error'][:300]} |" + " |" * 11)
+            lines.append(f"| {r['method']} | {r['dtype']} | ERROR: {r['error'][:300]} |" + " |" * 12)
             continue
         m = r["memory"]
         flag = "" if r["finite"] else " (non-finite loss!)"
@@ -338,7 +408,7 @@ def fmt_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {mib(r['baseline_rss_bytes'])} | {mib(m['peak_bytes'])} | {mib(m['parameters_bytes'])} "
             f"| {mib(m['gradients_bytes'])} | {mib(m['optimizer_state_bytes'])} "
             f"| {mib(m['activations_bytes'])} | {mib(m['other_bytes'])} | {r['losses'][-1]:.6f} "
-            f"| {r['load_avg_after_timed'][0]:.2f} |"
+            f"| {pct(r.get('foreign_cpu_frac'))} | {', '.join(f'{x:.0f}' for x in r['runs_tokens_per_s'])} |"
         )
     return lines
 
@@ -387,6 +457,10 @@ def render(args: argparse.Namespace, command: str, info: dict[str, Any], results
            wall_s: float) -> str:
     ok = [r for r in results if "error" not in r]
     n_params = ok[0]["n_params"] if ok else None
+    digests = sorted({r["lomo_core_digest"] for r in ok} | {info["lomo_core_digest"]})
+    code = f"repo {info['git']}, lomo_core sources {info['lomo_core_digest']}"
+    if len(digests) > 1:
+        code += f" -- WARNING: lomo_core changed during the run (workers saw {', '.join(digests)})"
     largest = f"{ok[0]['largest_param']} ({ok[0]['largest_param_numel']:,})" if ok else "?"
     out = [
         "# Optimizer benchmark: LOMO / AdaLomo vs AdamW, SGD and lomo_optim.Lomo",
@@ -397,12 +471,16 @@ def render(args: argparse.Namespace, command: str, info: dict[str, Any], results
         f"{info.get('ram_gib', '?')} GiB RAM" + (f", GPU {info['gpu']}" if "gpu" in info else ""),
         f"- Software: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"lomo-optim {info['lomo_optim']}; {info['platform']}",
+        f"- Code: {code}",
         f"- Model: LLaMA architecture, random init, hidden {args.hidden}, {args.layers} layers, "
         f"{max(1, args.hidden // 64)} heads, intermediate {args.intermediate}, vocab {args.vocab}, untied "
         f"embeddings: {n_params:,} parameters; largest {largest}" if n_params else "- Model: ?",
         f"- Run: device {args.device}, {args.threads} threads, batch {args.batch} x seq {args.seq} "
         f"= {args.batch * args.seq} tokens/step, {args.warmup} warmup + {args.steps} timed steps, lr {args.lr}, "
-        f"seed {args.seed}; each (method, dtype) in a fresh process",
+        f"seed {args.seed}, loss "
+        + (f"chunked ({args.loss_chunk} tokens per chunk)" if args.loss_chunk else "the model's own")
+        + "; each (method, dtype) in a fresh process"
+        + (f", {args.repeat} runs round-robin, the fastest reported" if args.repeat > 1 else ""),
         f"- Total wall time: {wall_s / 60:.1f} min",
         "",
         "## Results",
@@ -423,10 +501,15 @@ def render(args: argparse.Namespace, command: str, info: dict[str, Any], results
         "AdaLomo the largest gradient alive at once, for AdamW / SGD all gradients; for ref_lomo the reference "
         "frees its gradients inside backward, so they are counted under activations (0 here).",
         "- last loss: the loss of the metered step (same batches and lr everywhere: SGD, LOMO and ref_lomo "
-        "should agree, the clipped pair with each other). load avg: the 1-minute load average after the timed "
-        "steps; well above the thread count means another process competed for the CPUs and tokens/s is noisy.",
+        "should agree, the clipped pair with each other). other CPU %: CPU time that other processes "
+        "used during the timed steps, as a share of all CPUs (from /proc/stat): well above 0 means the "
+        "configuration competed for the CPUs and its tokens/s is pessimistic; with --repeat the fastest run "
+        "of each configuration is reported (all runs in the runs column).",
         "- floor: forward_graph's tracked peak (parameters + saved activations + logits) plus one gradient of "
         "the largest parameter: what a fused update cannot go below.",
+        "- With the model's own loss the tracked peak of SGD, ref_lomo and LOMO is normally set by the "
+        "cross-entropy backward (three fp32 batch x seq x vocab tensors) before any parameter has a gradient, "
+        "so it does not depend on the optimizer; `--loss-chunk N` removes that term.",
     ]
     return "\n".join(out) + "\n"
 
@@ -443,19 +526,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {command}", flush=True)
     print("machine: " + json.dumps(info), flush=True)
     t_start = time.perf_counter()
-    results = []
-    for dtype in args.dtypes:
-        for method in args.methods:
-            print(f"[{time.perf_counter() - t_start:7.0f}s] {method} {dtype} ...", end=" ", flush=True)
-            r = run_one(args, method, dtype)
-            results.append(r)
-            if "error" in r:
-                print("ERROR " + r["error"], flush=True)
-            else:
-                print(f"{r['tokens_per_s']:.1f} tok/s, peak RSS {mib(r['peak_rss_bytes'])} MiB, tracked peak "
-                      f"{mib(r['memory']['peak_bytes'])} MiB, {r['n_params']:,} params "
-                      f"({r['worker_wall_s']:.0f}s)", flush=True)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for i in range(args.repeat):
+        for dtype in args.dtypes:
+            for method in args.methods:
+                print(f"[{time.perf_counter() - t_start:7.0f}s] run {i + 1}/{args.repeat} {method} {dtype} ...",
+                      end=" ", flush=True)
+                r = run_one(args, method, dtype)
+                runs.setdefault((method, dtype), []).append(r)
+                if "error" in r:
+                    print("ERROR " + r["error"], flush=True)
+                else:
+                    print(f"{r['tokens_per_s']:.1f} tok/s (other CPU {pct(r['foreign_cpu_frac'])}%), peak RSS "
+                          f"{mib(r['peak_rss_bytes'])} MiB, tracked peak {mib(r['memory']['peak_bytes'])} MiB, "
+                          f"{r['n_params']:,} params ({r['worker_wall_s']:.0f}s)", flush=True)
     wall = time.perf_counter() - t_start
+    results = []
+    for rs in runs.values():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            results.append(rs[0])
+            continue
+        best = dict(max(ok, key=lambda r: r["tokens_per_s"]))
+        best["runs_tokens_per_s"] = [r["tokens_per_s"] for r in ok]
+        best["failed_runs"] = len(rs) - len(ok)
+        results.append(best)
     text = render(args, command, info, results, wall)
     print()
     print(text)

@@ -4,8 +4,9 @@ With LOMO the optimizer no longer sets the peak: at the start of the backward pa
 saved activations plus the logits (batch x sequence x vocabulary, upcast to fp32) plus their
 gradient. For LLaMA-7B at batch 8 x 2048 that is 2 GB each. This loss computes the projection to the
 vocabulary and the cross-entropy chunk by chunk, only for positions that have a label, under
-activation checkpointing, so no more than one chunk of logits exists at a time; the output
-projection is recomputed in the backward pass (one extra ``lm_head`` matmul).
+recomputation, so no more than one chunk of logits exists at a time; the backward pass recomputes
+each chunk's projection (one extra ``lm_head`` matmul) and adds its weight gradient into a single
+buffer.
 
 The value equals ``model(**batch).loss`` of Hugging Face's causal LMs (mean over labelled tokens,
 labels shifted by one) up to summation order; :func:`supports_chunked_loss` checks that on a real
@@ -16,15 +17,48 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, labels, reduction="sum")
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T + b, y_i), a chunk of rows at a time, in the forward and the backward.
+
+    The backward recomputes each chunk's logits and adds its contribution to one weight-gradient
+    buffer in place, so neither the full logits nor several weight-gradient copies ever exist.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # type: ignore[override]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[start:start + chunk_size], weight, bias).float()
+            total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[start:start + ctx.chunk_size]
+            y = targets[start:start + ctx.chunk_size]
+            # d CE / d logits = softmax - one_hot, in fp32 as the loss was; then the model's dtype.
+            dlogits = torch.softmax(F.linear(h, weight, bias).float(), dim=-1)
+            dlogits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            dlogits = dlogits.mul_(grad_total).to(h.dtype)
+            if grad_hidden is not None:
+                torch.mm(dlogits, weight, out=grad_hidden[start:start + ctx.chunk_size])
+            if grad_weight is not None:
+                grad_weight.addmm_(dlogits.t(), h)
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(dim=0)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
@@ -39,11 +73,7 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor
     count = targets.numel()
     if count == 0:
         return hidden.sum() * 0.0  # keeps the graph (and the parameters' hooks) consistent
-    total = None
-    for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size)):
-        part = checkpoint(_chunk_loss, h, y, head.weight, head.bias, use_reentrant=False)
-        total = part if total is None else total + part
-    return total / count
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_size) / count
 
 
 @torch.no_grad()

@@ -85,3 +85,21 @@ def test_a_model_whose_logits_are_not_a_plain_projection_is_detected():
 
     model.forward = scaled_forward
     assert not supports_chunked_loss(model, masked_batch(), 8)
+
+
+def test_chunked_linear_cross_entropy_gradients_with_a_bias():
+    from lomo_core.loss import _ChunkedLinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (11,), generator=g)
+    # The loss is taken in fp32 (as Hugging Face's is), so compare to fp32 rounding.
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y, reduction="sum")
+    got = _ChunkedLinearCrossEntropy.apply(h, w, b, y, 4)
+    grads_expected = torch.autograd.grad(expected, (h, w, b))
+    grads_got = torch.autograd.grad(got, (h, w, b))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    for a, e in zip(grads_got, grads_expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

@@ -53,6 +53,7 @@ def train(
     gradient_accumulation_steps: int | None = typer.Option(None),
     dtype: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
     gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    loss_chunk_size: int | None = typer.Option(None, help="loss in chunks of N tokens (no full logits)"),
     validation_data: Path | None = typer.Option(None),
     validation_split: float | None = typer.Option(None),
     eval_every: int | None = typer.Option(None),
@@ -76,7 +77,8 @@ def train(
         lr_schedule=lr_schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
         clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
         gradient_accumulation_steps=gradient_accumulation_steps, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, validation_data=validation_data,
+        gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size,
+        validation_data=validation_data,
         validation_split=validation_split, eval_every=eval_every, save_every=save_every, seed=seed,
         device=device, resume_from=resume_from,
     )

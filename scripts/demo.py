@@ -42,7 +42,7 @@ def main() -> int:
     cmd = [sys.executable, "-m", "client.cli", "train", "--model", str(MODEL), "--data", str(DATA),
            "-o", str(OUT), "--optimizer", "lomo", "--lr", "5e-3", "--max-steps", "60", "--batch-size", "8",
            "--max-seq-len", "128", "--clip-grad-norm", "1.0", "--lr-schedule", "cosine", "--warmup-steps", "5",
-           "--validation-split", "0.05", "--eval-every", "20", "--save-every", "30"]
+           "--validation-split", "0.05", "--eval-every", "20", "--save-every", "30", "--loss-chunk-size", "256"]
     console.rule("[bold]LOMO fine-tuning of stories260K on 999 instruction rows")
     console.print(" ".join(cmd[1:]), style="dim")
     done = subprocess.run(cmd, cwd=ROOT)

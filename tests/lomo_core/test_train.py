@@ -143,7 +143,7 @@ def test_cli_trains_and_reports(base, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "client.cli", "train", "--model", str(base["model"]), "--data", str(base["data"]),
            "-o", str(out), "--max-steps", "3", "--batch-size", "4", "--max-seq-len", "64", "--optimizer", "adalomo",
-           "--validation-split", "0.02"]
+           "--validation-split", "0.02", "--loss-chunk-size", "64"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "trained 3 steps" in done.stdout and "validation loss" in done.stdout

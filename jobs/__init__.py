@@ -1,0 +1,1 @@
+"""The domain shared by the API and the worker: settings, database, tables, the job state machine."""

@@ -1,0 +1,58 @@
+"""The job state machine: the only place that changes ``Job.status``."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+
+class JobStatus(str, enum.Enum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    # RUNNING -> QUEUED: a job whose worker died goes back to the queue, to resume from its checkpoint.
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, current: JobStatus, new: JobStatus) -> None:
+        allowed = ", ".join(sorted(s.value for s in ALLOWED[current])) or "none: it is final"
+        super().__init__(f"a {current.value} job cannot become {new.value} (allowed: {allowed})")
+        self.current, self.new = current, new
+
+
+def check_transition(current: JobStatus | str, new: JobStatus | str) -> None:
+    current, new = JobStatus(current), JobStatus(new)
+    if new not in ALLOWED[current]:
+        raise IllegalTransition(current, new)
+
+
+def transition(job: Any, new: JobStatus | str, now: datetime | None = None) -> None:
+    """Move ``job`` (any object with ``status``, ``started_at``, ``finished_at``) to ``new``."""
+    new = JobStatus(new)
+    check_transition(job.status, new)
+    now = now or datetime.now(timezone.utc)
+    if new is JobStatus.RUNNING:
+        job.started_at = now
+    if new in TERMINAL:
+        job.finished_at = now
+    job.status = new.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,13 @@ def train(
     except (DataError, TrainingError) as e:
         bar.close()
         _fail([str(e)], code=1)
+    except Exception as e:  # an unexpected failure: say what it was; the traceback only on request
+        bar.close()
+        if os.environ.get("LOMO_DEBUG"):
+            raise
+        _fail([f"training stopped: {type(e).__name__}: {e}",
+               f"checkpoints written so far are kept in {cfg.output_dir}/checkpoints; "
+               "set LOMO_DEBUG=1 for the traceback"], code=1)
     bar.close()
     out.print(f"trained {result.steps} steps, {result.trained_tokens} tokens in {result.seconds:.1f}s")
     if result.losses:

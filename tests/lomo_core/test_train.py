@@ -197,3 +197,14 @@ def test_chunked_loss_gives_the_same_run_with_a_lower_peak(base, tmp_path):
     assert chunked.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
     assert chunked_peak < plain_peak
     assert events == []  # stories260K's logits are a plain projection: the chunked loss was used
+
+
+def test_cli_reports_an_unexpected_failure_without_a_traceback(base, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": -5}')
+    cmd = [sys.executable, "-m", "client.cli", "train", "--model", str(broken), "--data", str(base["data"]),
+           "-o", str(tmp_path / "x"), "--max-steps", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "error:" in done.stderr and "Traceback" not in done.stderr

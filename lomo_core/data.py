@@ -79,10 +79,9 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
 
 
 def detect_format(record: Any) -> str:
-    if isinstance(record, dict):
-        if "text" in record and not ({"prompt", "instruction", "messages"} & set(record)):
-            return "text"
-        return "instruct"
+    """``text`` for records that only carry text; everything else is read as instruction data."""
+    if isinstance(record, dict) and "text" in record and not ({"prompt", "instruction", "messages"} & set(record)):
+        return "text"
     return "instruct"
 
 

@@ -1,4 +1,8 @@
-"""`lomo`: the command line. `lomo train` runs a local training job with a progress bar."""
+"""`lomo`: the command line.
+
+`lomo train` runs a local training job with a progress bar; `lomo serve` starts the REST API (and, on
+the zero-configuration default, one worker beside it); `lomo worker` starts a worker on its own.
+"""
 
 from __future__ import annotations
 
@@ -116,6 +120,64 @@ def train(
 
         out.print("memory: " + MemoryReport(**result.memory).summary())
     out.print(f"output: {result.output_dir}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    worker: bool | None = typer.Option(
+        None, "--worker/--no-worker",
+        help="start a worker process beside the API (default: only on the embedded broker)"),
+) -> None:
+    """Start the REST API; with no LOMO_BROKER_URL also one worker, so jobs run with no other setup."""
+    import subprocess
+    import sys
+
+    import uvicorn
+
+    from api.app import create_app
+    from jobs.migrate import upgrade
+    from jobs.settings import get_settings
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        upgrade(settings.resolved_database_url())
+    except Exception as e:
+        _fail([f"cannot prepare the database {settings.resolved_database_url()}: {type(e).__name__}: {e}",
+               "check LOMO_DATABASE_URL (or LOMO_DATA_DIR for the default SQLite file)"], code=1)
+    child = None
+    if worker if worker is not None else settings.embedded:
+        child = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"])
+    where = "embedded SQLite + SQLite broker" if settings.embedded else "configured database + broker"
+    err.print(f"API on http://{host}:{port} (docs at /docs), {where}, data in {settings.data_dir.resolve()}"
+              + (", one worker beside it" if child else ""))
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        if child is not None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(1, min=1, help="jobs run at once by this worker"),
+    loglevel: str = typer.Option("info", help="debug | info | warning | error"),
+) -> None:
+    """Start a Celery worker that runs fine-tuning jobs (reads LOMO_DATABASE_URL / LOMO_BROKER_URL)."""
+    from jobs.settings import get_settings
+    from worker.app import celery_app
+
+    settings = get_settings()
+    celery_app.worker_main([
+        "worker", "--concurrency", str(concurrency), "--queues", settings.queue, "--loglevel", loglevel,
+        "--hostname", f"lomo@{settings.worker_name}", "--without-gossip", "--without-mingle",
+    ])
 
 
 @app.command()

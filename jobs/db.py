@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,3 +41,26 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class Database:
+    """An engine and its session factory for one URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self):  # -> context manager of a Session in a transaction
+        return session_scope(self.sessions)
+
+
+_databases: dict[tuple[str, int], Database] = {}
+
+
+def database(url: str) -> Database:
+    """One Database per URL and process (a forked worker child must not reuse its parent's connections)."""
+    key = (url, os.getpid())
+    if key not in _databases:
+        _databases[key] = Database(url)
+    return _databases[key]

@@ -2,26 +2,61 @@
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOMO_", extra="ignore")
 
-    #: where uploaded files, checkpoints and exported models live (shared by every worker)
+    #: where uploaded files, checkpoints and exported models live; every worker must see the same folder
     data_dir: Path = Path("var")
     #: SQLite under data_dir when unset (the zero-configuration default); Postgres in production
     database_url: str | None = None
-    #: an embedded broker when unset; redis://... in production
+    #: a broker in a SQLite file under data_dir when unset (no server needed); redis://... in production
     broker_url: str | None = None
+    #: the Celery queue jobs are sent to
+    queue: str = "lomo"
+    #: folders whose sub-folders are models that jobs may name (``"model": "stories260K"``)
+    model_dirs: list[Path] = Field(default_factory=list)
+    #: apply database migrations when the API or a worker starts
+    auto_migrate: bool = True
+
+    #: uploads larger than this are refused
+    max_upload_bytes: int = 1 << 30
+    #: a training example longer than this (in characters) is refused at upload
+    max_example_chars: int = 1_000_000
+
+    #: the device training runs on (the GPU scheduler will pick devices per job)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: the worker writes metrics to the database at most this often (seconds)
+    flush_interval_s: float = 1.0
+    #: a cancelled training process gets this long to stop at a step boundary before it is killed
+    cancel_grace_s: float = 30.0
+    #: the name this worker claims jobs under
+    worker_name: str = Field(default_factory=lambda: socket.gethostname())
+    #: the owner of requests while the service has no authentication
+    default_user: str = "local"
 
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'lomo.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is the zero-configuration one (``lomo serve`` then starts a worker too)."""
+        return not self.broker_url
 
 
 @lru_cache

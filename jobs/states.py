@@ -46,13 +46,24 @@ def check_transition(current: JobStatus | str, new: JobStatus | str) -> None:
         raise IllegalTransition(current, new)
 
 
+def transition_values(current: JobStatus | str, new: JobStatus | str, now: datetime | None = None) -> dict[str, Any]:
+    """The column values that move a job from ``current`` to ``new``.
+
+    For conditional updates (``UPDATE jobs SET <these> WHERE id = ... AND status = current``): the
+    claim of a queued job and the end of a running one are single atomic statements.
+    """
+    current, new = JobStatus(current), JobStatus(new)
+    check_transition(current, new)
+    now = now or datetime.now(timezone.utc)
+    values: dict[str, Any] = {"status": new.value}
+    if new is JobStatus.RUNNING:
+        values["started_at"] = now
+    if new in TERMINAL:
+        values["finished_at"] = now
+    return values
+
+
 def transition(job: Any, new: JobStatus | str, now: datetime | None = None) -> None:
     """Move ``job`` (any object with ``status``, ``started_at``, ``finished_at``) to ``new``."""
-    new = JobStatus(new)
-    check_transition(job.status, new)
-    now = now or datetime.now(timezone.utc)
-    if new is JobStatus.RUNNING:
-        job.started_at = now
-    if new in TERMINAL:
-        job.finished_at = now
-    job.status = new.value
+    for name, value in transition_values(job.status, new, now).items():
+        setattr(job, name, value)

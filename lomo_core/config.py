@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Optimizer = Literal["lomo", "adalomo", "sgd", "adamw"]
 FUSED_OPTIMIZERS = ("lomo", "adalomo")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # names in torch
 
 
 class TrainConfig(BaseModel):
@@ -104,8 +103,10 @@ class TrainConfig(BaseModel):
         return value
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> Any:
+        import torch  # imported here: the job API validates configs without loading torch
+
+        return getattr(torch, DTYPES[self.dtype])
 
 
 def describe_errors(error: ValidationError) -> list[str]:

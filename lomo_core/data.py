@@ -17,9 +17,10 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "instruct", "text")
@@ -39,8 +40,12 @@ class Example:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """Return ``(line_number, record)`` pairs; plain-text files give ``{"text": block}`` records."""
+def read_records(path: str | Path, errors: list[tuple[int, str]] | None = None) -> list[tuple[int, Any]]:
+    """Return ``(line_number, record)`` pairs; plain-text files give ``{"text": block}`` records.
+
+    A JSONL line that does not parse raises, or, when an ``errors`` list is given, is added to it and
+    skipped (so that a file check can report every bad line at once).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -74,7 +79,9 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
         try:
             records.append((line_no, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if errors is None:
+                raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+            errors.append((line_no, f"invalid JSON: {e.msg} (column {e.colno})"))
     return records
 
 
@@ -148,6 +155,65 @@ def _chat_segments(messages: Any, where: str, tokenizer: Any) -> list[tuple[str,
     return segments
 
 
+# ---------------------------------------------------------------------------------------------- checking
+@dataclass
+class FileCheck:
+    """What :func:`check_file` found: how many records, in which format, and every problem by line."""
+
+    records: int
+    format: str | None
+    errors: list[tuple[int, str]]  # (line or record number, problem)
+    truncated_errors: bool = False  # more problems than ``max_errors`` were found
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _numbered_records(path: Path, errors: list[tuple[int, str]]) -> list[tuple[int, Any]]:
+    """:func:`read_records`, with every problem added to ``errors`` as (line, message) instead of raised."""
+    try:
+        return read_records(path, errors)
+    except DataError as e:  # a whole-file problem (encoding, a JSON array that does not parse)
+        where, _, problem = str(e).partition(": ")
+        line = where.rsplit(":", 1)[-1]
+        errors.append((int(line) if line.isdigit() else 0, problem))
+        return []
+
+
+def check_file(
+    path: str | Path, data_format: str = "auto", max_example_chars: int | None = None, max_errors: int = 50
+) -> FileCheck:
+    """Check every record of a data file without a tokenizer (what an upload is validated with).
+
+    Finds what would stop training: bad JSON, missing or non-string fields, empty responses, chat
+    records with nothing to learn from, records of another format than the first, and records longer
+    than ``max_example_chars`` characters. Length in tokens depends on the model and is checked when a
+    job runs (over-long examples are truncated and counted there).
+    """
+    if data_format not in FORMATS:
+        raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    path = Path(path)
+    errors: list[tuple[int, str]] = []
+    records = _numbered_records(path, errors)
+    if not records and not errors:
+        errors.append((0, "the file has no records"))
+    fmt = None
+    if records:
+        fmt = detect_format(records[0][1]) if data_format == "auto" else data_format
+    for line_no, record in records:
+        try:
+            segments = _segments(record, fmt, "", None)
+        except DataError as e:
+            errors.append((line_no, str(e).removeprefix(": ")))
+            continue
+        chars = sum(len(text) for text, _ in segments)
+        if max_example_chars is not None and chars > max_example_chars:
+            errors.append((line_no, f"the example has {chars} characters, over the limit of {max_example_chars}"))
+    errors.sort(key=lambda item: item[0])
+    return FileCheck(len(records), fmt, errors[:max_errors], len(errors) > max_errors)
+
+
 # ---------------------------------------------------------------------------------------------- tokenising
 def tokenize_record(record: Any, fmt: str, tokenizer: Any, max_length: int, where: str) -> Example:
     ids: list[int] = []
@@ -216,6 +282,8 @@ def pack_examples(examples: list[Example], seq_len: int) -> list[Example]:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    import torch  # imported on use: checking a data file (the job API) does not need torch
+
     width = max(len(ex.input_ids) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -248,6 +316,8 @@ class BatchPlan:
         return -(-len(self.rows) // self.batch_size)
 
     def order(self, epoch: int) -> list[int]:
+        import torch
+
         if not self.shuffle:
             return list(range(len(self.rows)))
         generator = torch.Generator().manual_seed(self.seed + epoch)

@@ -33,7 +33,15 @@ STATE_FILE = "trainer_state.pt"
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (NaN loss, unusable model); the message says what to change."""
+    """The run cannot go on (NaN loss, unusable model); the message says what to change.
+
+    ``code`` is a stable name for the kind of failure (``nan_loss``, ``invalid_model``,
+    ``device_unavailable``), which the job service reports as the job's error code.
+    """
+
+    def __init__(self, message: str, code: str = "training_failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -87,7 +95,7 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device=cuda but no CUDA device is available")
+        raise TrainingError("device=cuda but no CUDA device is available", code="device_unavailable")
     return torch.device(name)
 
 
@@ -98,7 +106,7 @@ def _load_model(folder: Path, config: TrainConfig, device: torch.device) -> tupl
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=config.torch_dtype)
     except (OSError, ValueError, KeyError) as e:
-        raise TrainingError(f"cannot load a causal LM from {folder}: {e}") from None
+        raise TrainingError(f"cannot load a causal LM from {folder}: {e}", code="invalid_model") from None
     model.to(device)
     model.config.use_cache = False
     if config.gradient_checkpointing:
@@ -195,7 +203,8 @@ def _checked_loss(run: Run, batch: dict[str, torch.Tensor], step: int) -> torch.
     if not torch.isfinite(loss):
         raise TrainingError(
             f"the loss became {loss.item()} at step {step + 1}: lower lr, enable clip_grad_norm, "
-            "or use bf16/fp32 instead of fp16"
+            "or use bf16/fp32 instead of fp16",
+            code="nan_loss",
         )
     return loss
 
@@ -305,6 +314,9 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
     sink.write("start", pos.step, {"total_steps": run.total_steps, "step": pos.step, **run.data_summary})
     for note in run.notes:
         sink.write("event", pos.step, {"message": note})
+    if run.validation is not None and pos.step == 0:  # the base model's loss: what fine-tuning improves on
+        base = validation_loss(run)
+        sink.write("val", 0, {"loss": base, "perplexity": math.exp(min(base, 50))})
 
     while pos.step < run.total_steps:
         for index, batch in run.plan.iterate(pos.epoch, pos.index):

@@ -4,6 +4,7 @@ metadata from jobs.models."""
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from jobs.db import make_engine
 from jobs.models import Base
@@ -23,18 +24,23 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _migrate(connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # The API and every worker upgrade at start: one at a time, the others then find nothing to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(7726351)"))
+        context.run_migrations()
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connection)
         return
     engine = make_engine(_url())
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connection)
     engine.dispose()
 
 

@@ -1,0 +1,1 @@
+"""The REST API and (later) the portal."""

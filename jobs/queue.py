@@ -1,0 +1,54 @@
+"""The Celery side that the API needs: one app configured from the settings, and ``enqueue``.
+
+The worker package registers the task implementations on the same app (``worker.app``); the API only
+sends messages by task name, so it never imports the worker or torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+RUN_JOB = "lomo.run_job"
+#: longer than any job: with acks_late, Redis re-delivers a message not acknowledged within this time
+VISIBILITY_TIMEOUT_S = 30 * 24 * 3600
+
+
+def make_celery(settings: Settings) -> Celery:
+    url = settings.resolved_broker_url()
+    if url.startswith("sqla+sqlite"):
+        (settings.data_dir).mkdir(parents=True, exist_ok=True)
+    app = Celery("lomo", broker=url)
+    transport_options = {}
+    if url.startswith(("redis", "rediss")):
+        transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_acks_late=True,  # acknowledged when the job ends: a worker that dies leaves the message queued
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a worker takes one job at a time; the rest stay for other workers
+        task_ignore_result=True,  # results live in the jobs table
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+@lru_cache(maxsize=8)
+def _producer(settings_json: str) -> Celery:
+    return make_celery(Settings.model_validate_json(settings_json))
+
+
+def enqueue(settings: Settings, job_id: str) -> None:
+    """Send ``run_job(job_id)``. Raises when the broker cannot be reached (the job stays queued in the
+    database, and every worker re-sends queued jobs when it starts)."""
+    app = _producer(settings.model_dump_json())
+    app.send_task(RUN_JOB, args=[job_id], queue=settings.queue, retry=True,
+                  retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})

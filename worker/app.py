@@ -1,0 +1,48 @@
+"""The Celery app of the workers: ``lomo worker`` (or ``celery -A worker.app worker``).
+
+One task, ``lomo.run_job(job_id)``. Messages are acknowledged only when the job has ended
+(``acks_late``) and a worker takes one at a time (prefetch 1); a duplicated or re-delivered message
+is harmless because the job is claimed with one conditional UPDATE. When a worker starts it applies
+the migrations and re-sends every queued job, so a job whose message was lost still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_init, worker_ready
+
+from jobs import service
+from jobs.db import database
+from jobs.queue import RUN_JOB, enqueue, make_celery
+from jobs.settings import get_settings
+from worker.supervisor import JobRunner
+
+log = logging.getLogger("lomo.worker")
+settings = get_settings()
+celery_app = make_celery(settings)
+app = celery_app  # `celery -A worker.app` finds it under either name
+
+
+@celery_app.task(name=RUN_JOB)
+def run_job(job_id: str) -> str:
+    return JobRunner(settings).run(job_id)
+
+
+@worker_init.connect
+def _migrate(**_kwargs) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.auto_migrate:
+        from jobs.migrate import upgrade
+
+        upgrade(settings.resolved_database_url())
+
+
+@worker_ready.connect
+def _resend_queued(**_kwargs) -> None:
+    with database(settings.resolved_database_url()).session() as session:
+        queued = service.queued_job_ids(session)
+    for job_id in queued:
+        enqueue(settings, job_id)
+    if queued:
+        log.info("re-sent %d queued job(s) (duplicates are harmless: a job is claimed once)", len(queued))

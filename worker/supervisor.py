@@ -1,0 +1,235 @@
+"""Run one job: claim it, start its training process, stream its records to the database, end it.
+
+The training runs in a child process (``worker.runner``) so that a crash, an out-of-memory kill or a
+cancellation never takes the worker down with it. This module is the only place that decides a job's
+final status from what the child reported and how it exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs import service
+from jobs.db import Database, database
+from jobs.models import File, Job
+from jobs.settings import Settings
+from jobs.states import JobStatus
+
+log = logging.getLogger("lomo.worker")
+LOG_FILE = "train.log"
+
+
+@dataclass
+class ChildReport:
+    """What the supervised process said and how it ended."""
+
+    returncode: int
+    final: dict[str, Any] | None  # the last "done" / "cancelled" / "error" line
+    cancel_requested: bool
+    killed: bool  # we had to SIGKILL it after the grace period
+    val: list[tuple[int, float]] = field(default_factory=list)
+    validation_rows: int = 0
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, db: Database | None = None, command: list[str] | None = None) -> None:
+        self.settings = settings
+        self.db = db or database(settings.resolved_database_url())
+        #: the training process; tests replace it to check supervision with a process that misbehaves
+        self.command = command or [sys.executable, "-m", "worker.runner"]
+
+    # ------------------------------------------------------------------------------------------ entry
+    def run(self, job_id: str) -> str:
+        """Run ``job_id`` if this call wins its claim; returns the final status, or "skipped"."""
+        worker = f"{self.settings.worker_name}:{os.getpid()}"
+        with self.db.session() as session:
+            if not service.claim_job(session, job_id, worker):
+                job = session.get(Job, job_id)
+                log.info("job %s not claimed (status %s): nothing to do", job_id, job.status if job else "missing")
+                return "skipped"
+            job = session.get(Job, job_id)
+            service.add_event(session, job_id, f"started by worker {worker} (attempt {job.attempt})")
+        try:
+            prepared = self._prepare(job_id)
+            if isinstance(prepared, service.Outcome):
+                outcome = prepared
+            else:
+                config_path, output_dir, names = prepared
+                report = self.supervise(job_id, config_path, output_dir)
+                outcome = self._outcome(job_id, report, output_dir, names)
+        except Exception as e:  # a bug of ours: the job still ends, with what happened
+            log.exception("job %s: the worker failed", job_id)
+            outcome = service.Outcome(JobStatus.FAILED, "internal_error", f"the worker failed: {type(e).__name__}: {e}")
+        with self.db.session() as session:
+            service.finish_job(session, job_id, outcome)
+        return outcome.status.value
+
+    # ------------------------------------------------------------------------------------------ prepare
+    def _prepare(self, job_id: str) -> service.Outcome | tuple[Path, Path, dict[str, str]]:
+        """Resolve the model and files on this node and write the run's config; or the reason it can't."""
+        settings = self.settings
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            model = service.resolve_model(settings, job.model)
+            if model is None:
+                return service.Outcome(
+                    JobStatus.FAILED, "model_not_found",
+                    f"model {job.model!r} is not a model folder this worker can read (no config.json there) "
+                    f"and not a registered model on {settings.worker_name}", "model")
+            paths: dict[str, Path | None] = {}
+            names: dict[str, str] = {}
+            for param, file_id in (("training_file", job.training_file_id),
+                                   ("validation_file", job.validation_file_id)):
+                if file_id is None:
+                    paths[param] = None
+                    continue
+                row = session.get(File, file_id)
+                path = service.file_path(settings, row)
+                if row.deleted_at is not None or not path.is_file():
+                    return service.Outcome(JobStatus.FAILED, "file_not_found",
+                                           f"file {file_id} is gone from {path.parent}", param)
+                paths[param], names[str(path)] = path, file_id
+            values = service.train_config_values(settings, job_id, model, job.method, job.hyperparameters,
+                                                 paths["training_file"], paths["validation_file"])
+        output_dir = Path(values["output_dir"])
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config_path = output_dir / "job-config.json"
+        config_path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
+                                          indent=2))
+        return config_path, output_dir, names
+
+    # ------------------------------------------------------------------------------------------ supervise
+    def supervise(self, job_id: str, config_path: Path, output_dir: Path) -> ChildReport:
+        """Start the child, turn its lines into rows every ``flush_interval_s``, stop it when cancelled."""
+        settings = self.settings
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with (output_dir / LOG_FILE).open("ab") as log_file:
+            child = subprocess.Popen(
+                [*self.command, str(config_path), "--fd", str(write_fd)], pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: a kill reaches anything it started
+            )
+        os.close(write_fd)
+        report = ChildReport(returncode=0, final=None, cancel_requested=False, killed=False)
+        pending: list[tuple[str, int, dict[str, Any]]] = []
+        partial = b""
+        eof = False
+        last_flush = 0.0
+        term_sent_at: float | None = None
+        try:
+            while not eof:
+                ready, _, _ = select.select([read_fd], [], [], settings.flush_interval_s)
+                if ready:
+                    chunk = os.read(read_fd, 1 << 16)
+                    eof = not chunk
+                    partial += chunk
+                    *lines, partial = partial.split(b"\n")
+                    for line in lines:
+                        self._take(line, pending, report)
+                now = time.monotonic()
+                if eof or now - last_flush >= settings.flush_interval_s:
+                    with self.db.session() as session:
+                        cancel = service.record_progress(session, job_id, pending)
+                    pending, last_flush = [], now
+                    if cancel and not report.cancel_requested:
+                        report.cancel_requested, term_sent_at = True, now
+                        log.info("job %s: cancellation requested, stopping the training process", job_id)
+                        _signal_group(child, signal.SIGTERM)
+                if term_sent_at is not None and not report.killed and now - term_sent_at > settings.cancel_grace_s:
+                    log.warning("job %s: the training process did not stop in %.0fs, killing it", job_id,
+                                settings.cancel_grace_s)
+                    _signal_group(child, signal.SIGKILL)
+                    report.killed = True
+            report.returncode = child.wait()
+        finally:
+            os.close(read_fd)
+            if child.poll() is None:  # the worker itself is being stopped
+                _signal_group(child, signal.SIGKILL)
+                child.wait()
+        return report
+
+    @staticmethod
+    def _take(line: bytes, pending: list, report: ChildReport) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+            kind, step, payload = record["kind"], int(record["step"]), record["payload"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable line from the training process: %r", line[:200])
+            return
+        if kind in ("done", "cancelled", "error"):
+            report.final = {"kind": kind, **payload}
+            return
+        if kind == "val":
+            report.val.append((step, float(payload["loss"])))
+        if kind == "start":
+            report.validation_rows = int(payload.get("validation_rows") or 0)
+        pending.append((kind, step, payload))
+
+    # ------------------------------------------------------------------------------------------ outcome
+    def _outcome(self, job_id: str, report: ChildReport, output_dir: Path, names: dict[str, str]) -> service.Outcome:
+        final = report.final or {}
+        kind = final.get("kind")
+        if kind == "done" and report.returncode == 0:
+            self._record_validation(job_id, report)
+            results = [str(output_dir / name) for name in ("metrics.jsonl", "summary.json", "memory.json")
+                       if (output_dir / name).is_file()]
+            return service.Outcome(JobStatus.SUCCEEDED, fine_tuned_model=final.get("model_dir"), result_files=results)
+        if kind == "cancelled" or report.cancel_requested:
+            how = "killed after the grace period" if report.killed else "stopped at a step boundary"
+            with self.db.session() as session:
+                service.add_event(session, job_id, f"training process {how}")
+            return service.Outcome(JobStatus.CANCELLED)
+        if kind == "error":
+            message = final.get("message", "")
+            for path, file_id in names.items():  # name the uploaded file, not where the node keeps it
+                message = message.replace(path, f"file {file_id}")
+            field_name = final.get("field")
+            return service.Outcome(JobStatus.FAILED, final.get("code", "training_failed"), message,
+                                   service.param_for_field(field_name) if field_name else None)
+        return service.Outcome(JobStatus.FAILED, *_died(report.returncode, output_dir / LOG_FILE))
+
+    def _record_validation(self, job_id: str, report: ChildReport) -> None:
+        """The validation loss before (step 0) and after training, stored as the job's first evaluation."""
+        if not report.val:
+            return
+        with self.db.session() as session:
+            points = [("base", report.val[0])] if report.val[0][0] == 0 else []
+            points.append(("fine_tuned", report.val[-1]))
+            for model_ref, (_step, loss) in points:
+                for metric, value in (("loss", loss), ("perplexity", math.exp(min(loss, 50)))):
+                    service.record_eval(session, job_id, "validation_loss", "validation", metric, value,
+                                        report.validation_rows, model_ref)
+
+
+def _signal_group(child: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, sig)
+
+
+def _died(returncode: int, log_path: Path) -> tuple[str, str]:
+    """Code and message for a training process that ended without saying why."""
+    tail = ""
+    if log_path.is_file():
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        tail = "; log: " + " | ".join(lines[-3:])[-600:] if lines else ""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = (" - usually the host ran out of memory and the kernel's OOM killer stopped it"
+                if returncode == -signal.SIGKILL else "")
+        return "process_killed", f"the training process was killed by {name}{hint}{tail}"
+    return "internal_error", f"the training process exited with status {returncode}{tail}"

@@ -122,6 +122,17 @@ def train(
     out.print(f"output: {result.output_dir}")
 
 
+def _stop_with_parent() -> None:
+    """In a child: receive SIGTERM when the parent dies, however it dies (uvicorn re-raises the signal
+    that stopped it, so the parent's own clean-up may never run)."""
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent's clean-up has to do
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
@@ -149,7 +160,7 @@ def serve(
                "check LOMO_DATABASE_URL (or LOMO_DATA_DIR for the default SQLite file)"], code=1)
     child = None
     if worker if worker is not None else settings.embedded:
-        child = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"])
+        child = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], preexec_fn=_stop_with_parent)
     where = "embedded SQLite + SQLite broker" if settings.embedded else "configured database + broker"
     err.print(f"API on http://{host}:{port} (docs at /docs), {where}, data in {settings.data_dir.resolve()}"
               + (", one worker beside it" if child else ""))

@@ -64,3 +64,10 @@ def database(url: str) -> Database:
     if key not in _databases:
         _databases[key] = Database(url)
     return _databases[key]
+
+
+def close_database(url: str) -> None:
+    """Dispose of this process's engine for ``url`` (tests do this before dropping a database)."""
+    db = _databases.pop((url, os.getpid()), None)
+    if db is not None:
+        db.engine.dispose()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,60 @@ def need_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present (../shared is read in place, never copied)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- service
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def create_postgres_database() -> str:
+    """A fresh, empty database on the local Postgres; its absence is a failure (the product uses it)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    name = f"lomo_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as e:
+        pytest.fail(f"Postgres at 127.0.0.1:5432 is not reachable (.ci/run starts it): {e}")
+    finally:
+        admin.dispose()
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from jobs.db import close_database
+
+    close_database(url)
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[-1]}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path):
+    """Each service test runs on the zero-configuration SQLite and on the production Postgres."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+        yield url
+        from jobs.db import close_database
+
+        close_database(url)
+        return
+    url = create_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A Hugging Face folder (config + weights, no tokenizer): enough for job validation, not to train."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    return folder

@@ -1,0 +1,229 @@
+"""The REST API on SQLite and on Postgres: files, jobs, pagination, cancellation and every kind of error.
+
+No worker runs here: jobs stay queued (the end-to-end tests run them through a real worker)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from jobs.settings import Settings
+
+GOOD = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, tiny_model_dir):
+    return Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[tiny_model_dir.parent],
+                    max_upload_bytes=4096, max_example_chars=300)
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def upload(client, content: bytes = GOOD, name: str = "train.jsonl", **data):
+    return client.post("/v1/files", files={"file": (name, content)}, data=data)
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+@pytest.fixture
+def file_id(client):
+    return upload(client).json()["id"]
+
+
+def create(client, model, file_id, **fields):
+    return client.post("/v1/fine_tuning/jobs", json={"model": str(model), "training_file": file_id, **fields})
+
+
+# ---------------------------------------------------------------------------------------------- files
+def test_upload_list_get_delete(client, settings):
+    made = upload(client).json()
+    assert made["object"] == "file" and made["records"] == 6 and made["format"] == "instruct"
+    assert made["bytes"] == len(GOOD) and made["id"].startswith("file-")
+    assert [f["id"] for f in client.get("/v1/files").json()["data"]] == [made["id"]]
+    assert client.get(f"/v1/files/{made['id']}").json() == made
+    stored = list((settings.data_dir / "files").iterdir())
+    assert len(stored) == 1 and stored[0].read_bytes() == GOOD
+    assert client.delete(f"/v1/files/{made['id']}").json() == {"object": "file", "id": made["id"], "deleted": True}
+    assert error_of(client.get(f"/v1/files/{made['id']}"), 404)["code"] == "file_not_found"
+    assert client.get("/v1/files").json()["data"] == []
+    assert list((settings.data_dir / "files").iterdir()) == []
+
+
+def test_upload_reports_every_bad_line(client, settings):
+    lines = [
+        json.dumps({"prompt": "fine", "response": "ok"}),
+        '{"prompt": "broken"',
+        json.dumps({"prompt": "no answer"}),
+        json.dumps({"prompt": "empty", "response": "  "}),
+        json.dumps({"prompt": "long", "response": "x" * 400}),
+        json.dumps(["not", "an", "object"]),
+    ]
+    error = error_of(upload(client, "\n".join(lines).encode()), 422)
+    assert error["code"] == "invalid_file" and error["param"] == "file"
+    found = {d["line"]: d["message"] for d in error["details"]}
+    assert set(found) == {2, 3, 4, 5, 6}
+    assert "invalid JSON" in found[2]
+    assert "missing field 'response'" in found[3]
+    assert "'response' is empty" in found[4]
+    assert "over the limit of 300" in found[5]
+    assert "expected a JSON object" in found[6]
+    assert error["message"].startswith("file: line 2:")
+    # nothing of a refused upload is kept
+    assert client.get("/v1/files").json()["data"] == []
+    assert not any((settings.data_dir / "files").glob("*")) and not any((settings.data_dir / "uploads").glob("*"))
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("train.csv", GOOD, "expected a .jsonl, .json or .txt"),
+    ("train.jsonl", b"", "is empty"),
+    ("train.jsonl", b"\n\n", "no records"),
+    ("train.json", b'[{"prompt": "a", "response": "b"},', "invalid JSON"),
+    ("train.jsonl", b"\xff\xfe{}", "not UTF-8"),
+])
+def test_unusable_files_are_refused_with_the_reason(client, name, content, needle):
+    error = error_of(upload(client, content, name), 422)
+    assert needle in error["message"] and error["param"] == "file"
+
+
+def test_upload_over_the_size_limit_is_413(client):
+    error = error_of(upload(client, GOOD * 20), 413)
+    assert error["code"] == "too_large" and "4096" in error["message"]
+    assert client.get("/v1/files").json()["data"] == []
+
+
+def test_bad_purpose_and_missing_file_name_the_field(client):
+    assert error_of(upload(client, purpose="pretrain"), 422)["param"] == "purpose"
+    assert error_of(client.post("/v1/files", data={"purpose": "fine-tune"}), 422)["param"] == "file"
+
+
+def test_text_and_chat_files_are_accepted(client):
+    assert upload(client, b"first doc\nline\n\nsecond doc\n", "c.txt").json()["records"] == 2
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    assert upload(client, chat.encode(), "c.jsonl").json()["format"] == "instruct"
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+def test_create_job_returns_the_resolved_job(client, tiny_model_dir, file_id):
+    response = create(client, tiny_model_dir, file_id, method="adalomo", suffix="v1", metadata={"team": "nlp"},
+                      hyperparameters={"lr": 0.01, "max_steps": 5, "dtype": "bf16"})
+    job = response.json()
+    assert response.status_code == 200, job
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "queued" and job["method"] == "adalomo" and job["training_file"] == file_id
+    assert job["hyperparameters"]["lr"] == 0.01 and job["hyperparameters"]["dtype"] == "bf16"
+    assert job["hyperparameters"]["batch_size"] == 4  # defaults are filled in and shown
+    assert job["metadata"] == {"team": "nlp"} and job["suffix"] == "v1"
+    assert job["progress"] == {"step": 0, "total_steps": None, "fraction": None} and job["error"] is None
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert any("job created" in e["message"] for e in events)
+
+
+def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
+    assert create(client, tiny_model_dir.name, file_id).json()["model"] == tiny_model_dir.name
+
+
+@pytest.mark.parametrize("fields, param, needle", [
+    ({"hyperparameters": {"lr": -1}}, "hyperparameters.lr", "greater than 0"),
+    ({"hyperparameters": {"batch_size": "many"}}, "hyperparameters.batch_size", "valid integer"),
+    ({"hyperparameters": {"learning_rate": 1}}, "hyperparameters.learning_rate", "not permitted"),
+    ({"hyperparameters": {"dtype": "fp8"}}, "hyperparameters.dtype", "fp32"),
+    ({"method": "sgd", "hyperparameters": {"dtype": "fp16"}}, "hyperparameters.dtype", "loss scaling"),
+    ({"method": "rmsprop"}, "method", "lomo"),
+    ({"training_file": "file-nope"}, "training_file", "no uploaded file"),
+    ({"validation_file": "file-nope"}, "validation_file", "no uploaded file"),
+    ({"model": "/no/such/model"}, "model", "neither a model folder"),
+    ({"model": ""}, "model", "at least 1"),
+    ({"suffix": "has space"}, "suffix", "pattern"),
+    ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16"),
+    ({"unknown": 1}, "unknown", "not permitted"),
+])
+def test_bad_job_requests_are_422_naming_the_field(client, tiny_model_dir, file_id, fields, param, needle):
+    body = {"model": str(tiny_model_dir), "training_file": file_id, **fields}
+    error = error_of(client.post("/v1/fine_tuning/jobs", json=body), 422)
+    assert error["param"] == param, error
+    assert needle in error["message"], error
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing half-made
+
+
+def test_malformed_bodies_never_give_a_500(client):
+    for content, headers in [(b"{not json", {"content-type": "application/json"}), (b"[]", {}),
+                             (b"null", {"content-type": "application/json"}), (b"\xff", {})]:
+        response = client.post("/v1/fine_tuning/jobs", content=content, headers=headers)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["message"]
+    assert error_of(client.get("/v1/fine_tuning/jobs?limit=0"), 422)["param"] == "limit"
+    assert error_of(client.get("/v1/fine_tuning/jobs?status=done"), 422)["param"] == "status"
+    assert error_of(client.get("/v1/fine_tuning/jobs?after=ftjob-nope"), 422)["param"] == "after"
+    assert error_of(client.get("/v1/nothing"), 404)["code"] == "not_found"
+
+
+@pytest.mark.parametrize("path", ["", "/events", "/checkpoints", "/metrics", "/memory", "/evals"])
+def test_unknown_job_ids_are_404(client, path):
+    error = error_of(client.get(f"/v1/fine_tuning/jobs/ftjob-missing{path}"), 404)
+    assert error["code"] == "job_not_found" and "ftjob-missing" in error["message"]
+
+
+def test_cursor_pagination_and_filters(client, tiny_model_dir, file_id):
+    ids = [create(client, tiny_model_dir, file_id, metadata={"parity": "even" if i % 2 == 0 else "odd"}).json()["id"]
+           for i in range(5)]
+    seen, after, pages = [], None, 0
+    while True:
+        page = client.get("/v1/fine_tuning/jobs", params={"limit": 2, **({"after": after} if after else {})}).json()
+        seen += [j["id"] for j in page["data"]]
+        pages += 1
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert seen == ids[::-1] and pages == 3  # newest first, each job exactly once
+    even = client.get("/v1/fine_tuning/jobs", params={"metadata[parity]": "even"}).json()["data"]
+    assert [j["id"] for j in even] == [ids[4], ids[2], ids[0]]
+    client.post(f"/v1/fine_tuning/jobs/{ids[1]}/cancel")
+    cancelled = client.get("/v1/fine_tuning/jobs", params={"status": "cancelled"}).json()["data"]
+    assert [j["id"] for j in cancelled] == [ids[1]]
+    assert len(client.get("/v1/fine_tuning/jobs", params={"status": "queued"}).json()["data"]) == 4
+
+
+def test_cancel_a_queued_job_and_the_file_becomes_deletable(client, tiny_model_dir, file_id):
+    job = create(client, tiny_model_dir, file_id).json()
+    error = error_of(client.delete(f"/v1/files/{file_id}"), 409)
+    assert job["id"] in error["message"]
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    again = error_of(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409)
+    assert "already cancelled" in again["message"]
+    assert error_of(client.post("/v1/fine_tuning/jobs/ftjob-x/cancel"), 404)["code"] == "job_not_found"
+    assert client.delete(f"/v1/files/{file_id}").status_code == 200
+    # the finished job still names its file, and its own record is intact
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["training_file"] == file_id
+
+
+def test_a_new_job_has_empty_results(client, tiny_model_dir, file_id):
+    job_id = create(client, tiny_model_dir, file_id).json()["id"]
+    base = f"/v1/fine_tuning/jobs/{job_id}"
+    assert client.get(base + "/metrics").json() == {"object": "list", "data": [], "has_more": False}
+    assert client.get(base + "/checkpoints").json()["data"] == []
+    assert client.get(base + "/evals").json()["data"] == []
+    memory = client.get(base + "/memory").json()
+    assert memory["measured"] == [] and memory["samples"] == 0
+
+
+def test_openapi_documents_the_routes(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ["/v1/files", "/v1/files/{file_id}", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}",
+                 "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events",
+                 "/v1/fine_tuning/jobs/{job_id}/checkpoints", "/v1/fine_tuning/jobs/{job_id}/metrics",
+                 "/v1/fine_tuning/jobs/{job_id}/memory", "/v1/fine_tuning/jobs/{job_id}/evals"]:
+        assert path in paths

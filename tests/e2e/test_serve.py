@@ -1,0 +1,68 @@
+"""`lomo serve` with no configuration: SQLite, the SQLite broker and a worker beside the API, over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client.rest import ApiError, LomoClient
+from tests.conftest import INSTRUCT, STORIES, need_shared
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_a_job_with_zero_configuration(tmp_path):
+    need_shared(STORIES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOMO_")}
+    env.update(LOMO_FLUSH_INTERVAL_S="0.3", LOMO_DEVICE="cpu")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:  # the working folder is the only thing given: data goes to ./var
+        server = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port)], cwd=tmp_path,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = LomoClient(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client._http.get("/health").json()["embedded"]:
+                    break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+        with pytest.raises(ApiError) as refused:
+            client.create_job(str(STORIES), "file-none")
+        assert refused.value.status == 422 and refused.value.param == "training_file"
+
+        file = client.upload_file(need_shared(INSTRUCT))
+        job = client.create_job(str(STORIES), file["id"], hyperparameters={"max_steps": 3, "max_seq_len": 128})
+        job = client.wait(job["id"], timeout=180, poll=0.3)
+        assert job["status"] == "succeeded", (job, log.read_text()[-3000:])
+        assert [m["step"] for m in client.metrics(job["id"], kind="train")] == [1, 2, 3]
+        assert (tmp_path / "var" / "lomo.db").is_file() and (tmp_path / "var" / "broker.db").is_file()
+        assert job["id"] in [j["id"] for j in client.iter_jobs()]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    # the worker started beside the API stops with it (a warm shutdown takes a moment)
+    deadline = time.monotonic() + 30
+    while True:
+        leftover = subprocess.run(["pgrep", "-s", str(server.pid)], capture_output=True, text=True).stdout.split()
+        if not leftover or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert leftover == [], f"processes left behind: {leftover}"

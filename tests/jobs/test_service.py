@@ -1,0 +1,118 @@
+"""jobs.service: the atomic claim, the conditional end of a run, and progress records (SQLite and Postgres)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from jobs import service
+from jobs.db import database
+from jobs.migrate import upgrade
+from jobs.models import Checkpoint, Job, MemorySample, MetricPoint
+from jobs.schemas import JobCreate
+from jobs.settings import Settings
+from jobs.states import IllegalTransition, JobStatus
+
+
+@pytest.fixture
+def env(tmp_path, database_url, tiny_model_dir):
+    upgrade(database_url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url)
+    db = database(database_url)
+    upload = tmp_path / "up.part"
+    upload.write_text('{"prompt": "a", "response": "b"}\n')
+    with db.session() as s:
+        row = service.store_file(s, settings, "ann", "d.jsonl", "fine-tune", upload)
+        job = service.create_job(s, settings, "ann", JobCreate(model=str(tiny_model_dir), training_file=row.id))
+    return settings, db, job.id
+
+
+def test_of_many_concurrent_claims_exactly_one_wins(env):
+    _settings, db, job_id = env
+    results, barrier = [], threading.Barrier(6)
+
+    def claim(n: int) -> None:
+        barrier.wait()
+        with db.session() as s:
+            results.append(service.claim_job(s, job_id, f"worker-{n}"))
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 5 + [True]
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.status == "running" and job.attempt == 1 and job.claimed_by.startswith("worker-")
+        assert job.started_at is not None and job.heartbeat_at is not None
+
+
+def test_a_job_ends_once_and_only_from_running(env):
+    _settings, db, job_id = env
+    with db.session() as s:
+        assert not service.finish_job(s, job_id, service.Outcome(JobStatus.SUCCEEDED))  # still queued
+        assert service.claim_job(s, job_id, "w")
+    with db.session() as s:
+        assert service.finish_job(s, job_id, service.Outcome(JobStatus.FAILED, "nan_loss", "the loss became nan"))
+    with db.session() as s:
+        assert not service.finish_job(s, job_id, service.Outcome(JobStatus.SUCCEEDED))
+        job = s.get(Job, job_id)
+        assert (job.status, job.error_code, job.error_message) == ("failed", "nan_loss", "the loss became nan")
+        assert job.finished_at is not None
+    with pytest.raises(IllegalTransition):
+        service.transition_values(JobStatus.FAILED, JobStatus.RUNNING)
+
+
+def test_cancelling_a_running_job_asks_the_worker(env):
+    _settings, db, job_id = env
+    with db.session() as s:
+        service.claim_job(s, job_id, "w")
+    with db.session() as s:
+        job = service.cancel_job(s, "ann", job_id)
+        assert job.status == "running" and job.cancel_requested
+    with db.session() as s:
+        assert service.record_progress(s, job_id, []) is True  # the worker's next write learns of it
+    with pytest.raises(service.NotFound), db.session() as s:
+        service.cancel_job(s, "bob", job_id)  # another owner does not see the job
+
+
+def test_progress_records_become_rows_and_an_estimate(env):
+    _settings, db, job_id = env
+    with db.session() as s:
+        service.claim_job(s, job_id, "w")
+    memory = {"peak_bytes": 100, "parameters_bytes": 40, "gradients_bytes": 1, "optimizer_state_bytes": 0,
+              "activations_bytes": 50, "other_bytes": 9, "device": "cpu", "source": "cpu_tracker"}
+    records = [
+        ("start", 0, {"total_steps": 10, "step": 0, "rows": 5, "format": "instruct"}),
+        ("val", 0, {"loss": 3.0}),
+        ("train", 1, {"loss": 2.5, "lr": 0.1, "tokens": 7, "tokens_per_s": 70.0}),
+        ("memory", 1, memory),
+        ("train", 2, {"loss": 2.0, "lr": 0.1, "tokens": 8, "tokens_per_s": 80.0, "skipped": True}),
+        ("checkpoint", 2, {"path": "/x/step-000002"}),
+    ]
+    with db.session() as s:
+        assert service.record_progress(s, job_id, records) is False
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert (job.step, job.total_steps, job.trained_tokens) == (2, 10, 15)
+        assert job.estimated_finish is not None
+        points = s.query(MetricPoint).filter_by(job_id=job_id).order_by(MetricPoint.step, MetricPoint.id).all()
+        assert [(p.kind, p.step, p.loss) for p in points] == [("val", 0, 3.0), ("train", 1, 2.5), ("train", 2, 2.0)]
+        assert s.query(MemorySample).filter_by(job_id=job_id).one().activations_bytes == 50
+        assert s.query(Checkpoint).filter_by(job_id=job_id).one().path == "/x/step-000002"
+        summary = service.memory_summary(s, "ann", job_id)
+        assert summary["measured"][0]["peak_bytes"] == 100 and summary["samples"] == 1
+        events, _ = service.list_events(s, "ann", job_id, limit=100)
+        assert any("skipped" in e.message and e.level == "warning" for e in events)
+
+
+def test_model_references_resolve_to_folders_or_registered_names(tmp_path, tiny_model_dir):
+    settings = Settings(data_dir=tmp_path, model_dirs=[tiny_model_dir.parent])
+    assert service.resolve_model(settings, str(tiny_model_dir)) == tiny_model_dir.resolve()
+    assert service.resolve_model(settings, tiny_model_dir.name) == tiny_model_dir.resolve()
+    assert service.resolve_model(settings, "nothing-like-it") is None
+    assert service.resolve_model(settings, str(Path(tiny_model_dir) / "config.json")) is None
+    assert tiny_model_dir.name in service.registered_models(settings)

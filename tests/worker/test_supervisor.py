@@ -1,0 +1,155 @@
+"""The worker's job runner without Celery: a real training child on stories260K, and children that misbehave."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from jobs import service
+from jobs.db import database
+from jobs.migrate import upgrade
+from jobs.models import Checkpoint, EvalResult, Job, MemorySample, MetricPoint
+from jobs.schemas import JobCreate
+from jobs.settings import Settings
+from tests.conftest import INSTRUCT, STORIES, need_shared
+from worker.supervisor import JobRunner
+
+
+@pytest.fixture
+def env(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lomo.db'}"
+    upgrade(url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=url, flush_interval_s=0.2, cancel_grace_s=1.0,
+                        device="cpu")
+    return settings, database(url)
+
+
+def submit(settings, db, model, data_path=None, content=None, **hyper) -> str:
+    upload = settings.data_dir / "up.part"
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    if data_path is not None:
+        shutil.copy(data_path, upload)
+    else:
+        upload.write_text(content)
+    name = data_path.name if data_path is not None else "d.jsonl"
+    with db.session() as s:
+        row = service.store_file(s, settings, "ann", name, "fine-tune", upload)
+        job = service.create_job(s, settings, "ann", JobCreate(model=str(model), training_file=row.id,
+                                                               hyperparameters=hyper))
+    return job.id
+
+
+def job_row(db, job_id) -> Job:
+    with db.session() as s:
+        return s.get(Job, job_id)
+
+
+def test_a_job_runs_and_everything_it_reports_is_stored(env):
+    settings, db = env
+    job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=6, batch_size=4,
+                    max_seq_len=64, lr=5e-3, validation_split=0.02, eval_every=3, save_every=3)
+    assert JobRunner(settings, db).run(job_id) == "succeeded"
+    job = job_row(db, job_id)
+    assert (job.status, job.step, job.total_steps, job.attempt) == ("succeeded", 6, 6, 1)
+    assert job.trained_tokens > 0 and job.error_code is None
+    assert (settings.data_dir / "jobs" / job_id / "model" / "config.json").is_file()
+    assert job.fine_tuned_model.endswith(f"{job_id}/model")
+    with db.session() as s:
+        train = s.query(MetricPoint).filter_by(job_id=job_id, kind="train").order_by(MetricPoint.step).all()
+        assert [p.step for p in train] == [1, 2, 3, 4, 5, 6] and all(p.tokens_per_s > 0 for p in train)
+        assert [p.step for p in s.query(MetricPoint).filter_by(job_id=job_id, kind="val")] == [0, 3, 6]
+        assert s.query(MemorySample).filter_by(job_id=job_id).first().peak_bytes > 0
+        assert [c.step for c in s.query(Checkpoint).filter_by(job_id=job_id).order_by(Checkpoint.step)] == [3, 6]
+        evals = {(e.model_ref, e.metric): e.value for e in s.query(EvalResult).filter_by(job_id=job_id)}
+        assert evals[("fine_tuned", "loss")] < evals[("base", "loss")]  # fine-tuning lowered the held-out loss
+    # a second delivery of the same job does nothing
+    assert JobRunner(settings, db).run(job_id) == "skipped"
+    assert job_row(db, job_id).attempt == 1
+
+
+def test_a_missing_model_folder_fails_with_a_clear_message(env, tmp_path):
+    settings, db = env
+    model = tmp_path / "model-copy"
+    shutil.copytree(need_shared(STORIES), model)
+    job_id = submit(settings, db, model, need_shared(INSTRUCT), max_steps=2)
+    shutil.rmtree(model)  # gone between submission and the run
+    assert JobRunner(settings, db).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert (job.error_code, job.error_param) == ("model_not_found", "model")
+    assert str(model) in job.error_message and "config.json" in job.error_message
+
+
+def test_data_that_cannot_train_fails_naming_the_file_and_the_fix(env):
+    settings, db = env
+    long_prompt = '{"prompt": "' + "word " * 200 + '", "response": "short"}\n'
+    job_id = submit(settings, db, need_shared(STORIES), content=long_prompt * 3, max_seq_len=16)
+    assert JobRunner(settings, db).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert job.error_code == "invalid_training_file" and job.error_param == "training_file"
+    assert "max_seq_len=16" in job.error_message and job.training_file_id in job.error_message
+    assert str(settings.data_dir) not in job.error_message  # the user's file id, not the node's path
+
+
+def test_a_diverging_run_fails_with_nan_loss(env):
+    settings, db = env
+    job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=20, batch_size=2,
+                    max_seq_len=128, lr=1e30)
+    assert JobRunner(settings, db).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert job.error_code == "nan_loss" and "lower lr" in job.error_message
+
+
+STUBBORN = """
+import json, os, signal, sys, time
+fd = int(sys.argv[sys.argv.index("--fd") + 1])
+def emit(kind, step, payload):
+    os.write(fd, (json.dumps({"kind": kind, "step": step, "payload": payload}) + "\\n").encode())
+emit("start", 0, {"total_steps": 1000, "step": 0})
+MODE = sys.argv[1]
+if MODE == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for step in range(1, 1000):
+    emit("train", step, {"loss": 1.0, "lr": 0.1, "tokens": 1, "tokens_per_s": 1.0})
+    if MODE == "die" and step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+"""
+
+
+def stub_runner(settings, db, tmp_path, mode: str) -> JobRunner:
+    script = tmp_path / "stub.py"
+    script.write_text(textwrap.dedent(STUBBORN))
+    return JobRunner(settings, db, command=[sys.executable, str(script), mode])
+
+
+def test_a_child_that_ignores_cancellation_is_killed(env, tmp_path, tiny_model_dir):
+    settings, db = env
+    job_id = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n')
+    runner = stub_runner(settings, db, tmp_path, "ignore-term")
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(job_id)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while job_row(db, job_id).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with db.session() as s:
+        service.cancel_job(s, "ann", job_id)
+    thread.join(timeout=30)
+    assert outcome == ["cancelled"]
+    with db.session() as s:
+        events, _ = service.list_events(s, "ann", job_id, limit=100)
+    assert any("killed after the grace period" in e.message for e in events)
+
+
+def test_a_child_killed_by_the_system_fails_the_job_with_the_likely_cause(env, tmp_path, tiny_model_dir):
+    settings, db = env
+    job_id = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n')
+    assert stub_runner(settings, db, tmp_path, "die").run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert job.error_code == "process_killed" and "SIGKILL" in job.error_message
+    assert "out of memory" in job.error_message and job.step == 3

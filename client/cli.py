@@ -154,7 +154,8 @@ def serve(
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        upgrade(settings.resolved_database_url())
+        if settings.auto_migrate:
+            upgrade(settings.resolved_database_url())
     except Exception as e:
         _fail([f"cannot prepare the database {settings.resolved_database_url()}: {type(e).__name__}: {e}",
                "check LOMO_DATABASE_URL (or LOMO_DATA_DIR for the default SQLite file)"], code=1)

@@ -1,27 +1,84 @@
-"""`make demo`: fine-tune the real stories260K model with LOMO on the shared instruction data, then show
-the loss curve, the measured memory breakdown and a generation before / after.
-
-The job service (REST API + worker) is not built yet; until it is, the demo drives the same training
-loop through the `lomo train` command line.
+"""`make demo`: start the service on its zero-configuration default (SQLite, a SQLite broker, one worker
+beside the API), submit a real LOMO fine-tuning job of stories260K through the REST API, follow it with a
+progress bar, then show the loss curve, the measured memory, the evaluation and a generation before /
+after. Everything goes through HTTP, as a lab script would.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-MODEL = SHARED / "models" / "stories260K"
+MODELS = SHARED / "models"
 DATA = SHARED / "data" / "instruct" / "alpaca_en_demo.json"
-OUT = ROOT / "runs" / "demo"
+HOME = ROOT / "runs" / "demo"
 console = Console()
+
+sys.path.insert(0, str(ROOT))
+from client.rest import ApiError, LomoClient  # noqa: E402
+
+HYPERPARAMETERS = {
+    "max_steps": 60, "batch_size": 8, "max_seq_len": 256, "lr": 5e-3, "clip_grad_norm": 1.0,
+    "lr_schedule": "cosine", "warmup_steps": 5, "validation_split": 0.05, "eval_every": 20, "save_every": 30,
+    "loss_chunk_size": 256,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOMO_")}  # the embedded default
+    env.update(LOMO_DATA_DIR=str(HOME / "var"), LOMO_MODEL_DIRS=f'["{MODELS}"]', LOMO_FLUSH_INTERVAL_S="0.5",
+               HF_HUB_OFFLINE="1")
+    log = (HOME / "service.log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(client: LomoClient, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the service stopped; see {HOME / 'service.log'}")
+        try:
+            client._http.get("/health").raise_for_status()
+            return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError(f"the service did not answer within 90 s; see {HOME / 'service.log'}")
+
+
+def follow(client: LomoClient, job_id: str) -> dict:
+    with Progress(TextColumn("[bold]{task.fields[status]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console) as bar:
+        task = bar.add_task("job", total=None, status="queued", info="")
+
+        def update(job: dict) -> None:
+            info = ""
+            points = client.metrics(job_id, kind="train")
+            if points:
+                info = f"loss {points[-1]['loss']:.3f}  {points[-1]['tokens_per_s']:.0f} tok/s"
+            bar.update(task, total=job["progress"]["total_steps"], completed=job["progress"]["step"],
+                       status=job["status"], info=info)
+
+        return client.wait(job_id, timeout=600, poll=0.5, on_update=update)
 
 
 def generate(model_dir: Path, prompt: str) -> str:
@@ -29,7 +86,6 @@ def generate(model_dir: Path, prompt: str) -> str:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = tok(prompt, return_tensors="pt").input_ids
@@ -37,27 +93,11 @@ def generate(model_dir: Path, prompt: str) -> str:
     return tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def main() -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not MODEL.is_dir() or not DATA.is_file():
-        console.print(f"[red]the demo reads {MODEL} and {DATA}; put ../shared beside the project[/]")
-        return 1
-    cmd = [sys.executable, "-m", "client.cli", "train", "--model", str(MODEL), "--data", str(DATA),
-           "-o", str(OUT), "--optimizer", "lomo", "--lr", "5e-3", "--max-steps", "60", "--batch-size", "8",
-           "--max-seq-len", "128", "--clip-grad-norm", "1.0", "--lr-schedule", "cosine", "--warmup-steps", "5",
-           "--validation-split", "0.05", "--eval-every", "20", "--save-every", "30", "--loss-chunk-size", "256"]
-    console.rule("[bold]LOMO fine-tuning of stories260K on 999 instruction rows")
-    console.print(" ".join(cmd[1:]), style="dim")
-    done = subprocess.run(cmd, cwd=ROOT)
-    if done.returncode != 0:
-        return done.returncode
-
-    records = [json.loads(line) for line in (OUT / "metrics.jsonl").read_text().splitlines()]
-    last_start = max(i for i, r in enumerate(records) if r["kind"] == "start")
-    records = records[last_start:]
-    train = [r for r in records if r["kind"] == "train"]
-    val = [r for r in records if r["kind"] == "val"]
-    table = Table(title="loss curve (every 10 steps)")
+def show(client: LomoClient, job: dict) -> None:
+    job_id = job["id"]
+    train = client.metrics(job_id, kind="train")
+    val = client.metrics(job_id, kind="val")
+    table = Table(title="loss curve (/metrics), every 10 steps")
     for col in ("step", "train loss", "lr", "tokens/s"):
         table.add_column(col, justify="right")
     for r in train[::10] + [train[-1]]:
@@ -65,18 +105,66 @@ def main() -> int:
     console.print(table)
     console.print("validation loss: " + ", ".join(f"step {r['step']}: {r['loss']:.4f}" for r in val))
 
-    memory = json.loads((OUT / "memory.json").read_text())
-    mem = Table(title=f"measured memory of one step ({memory['source']})")
+    memory = client.memory(job_id)["measured"][0]
+    mem = Table(title=f"measured memory (/memory), rank {memory['rank']}")
     mem.add_column("part")
     mem.add_column("MiB", justify="right")
     for key in ("parameters", "gradients", "optimizer_state", "activations", "other", "peak"):
         mem.add_row(key.replace("_", " "), f"{memory[key + '_bytes'] / 2**20:.2f}")
     console.print(mem)
 
+    evals = Table(title="evaluation (/evals)")
+    for col in ("task", "metric", "model", "value", "examples"):
+        evals.add_column(col)
+    for e in client.evals(job_id):
+        evals.add_row(e["task"], e["metric"], e["model"], f"{e['value']:.4f}", str(e["examples"]))
+    console.print(evals)
+
+    console.print("[bold]events:[/]")
+    for event in reversed(client.events(job_id)["data"]):
+        console.print(f"  {event['level']:7} {event['message']}")
     prompt = "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
-    console.print("[bold]before:[/] " + generate(MODEL, prompt))
-    console.print("[bold]after: [/] " + generate(OUT / "model", prompt))
-    return 0
+    console.print("[bold]before:[/] " + generate(MODELS / "stories260K", prompt))
+    console.print("[bold]after: [/] " + generate(Path(job["fine_tuned_model"]), prompt))
+
+
+def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not (MODELS / "stories260K").is_dir() or not DATA.is_file():
+        console.print(f"[red]the demo reads {MODELS / 'stories260K'} and {DATA}; put ../shared beside the project[/]")
+        return 1
+    shutil.rmtree(HOME, ignore_errors=True)
+    HOME.mkdir(parents=True)
+    port = free_port()
+    console.rule("[bold]LOMO fine-tuning service: one job through the REST API")
+    console.print(f"lomo serve --port {port}  (SQLite + SQLite broker + one worker, data in {HOME / 'var'})",
+                  style="dim")
+    server = start_service(port)
+    client = LomoClient(f"http://127.0.0.1:{port}")
+    try:
+        wait_healthy(client, server)
+        file = client.upload_file(DATA)
+        console.print(f"POST /v1/files -> {file['id']}: {file['records']} records ({file['format']})")
+        job = client.create_job("stories260K", file["id"], method="lomo", hyperparameters=HYPERPARAMETERS,
+                                metadata={"source": "make demo"})
+        console.print(f"POST /v1/fine_tuning/jobs -> {job['id']} ({job['status']})")
+        job = follow(client, job["id"])
+        if job["status"] != "succeeded":
+            console.print(f"[red]job {job['status']}: {job['error']}[/]")
+            return 1
+        console.print(f"fine-tuned model: {job['fine_tuned_model']}  ({job['trained_tokens']} tokens)")
+        show(client, job)
+        return 0
+    except ApiError as e:
+        console.print(f"[red]{e}[/]")
+        return 1
+    finally:
+        client.close()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 if __name__ == "__main__":

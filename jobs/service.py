@@ -163,8 +163,11 @@ def resolve_model(settings: Settings, reference: str) -> Path | None:
     """A model folder (path) or the name of a sub-folder of one of ``settings.model_dirs``."""
     candidates = [Path(reference)] + [Path(root) / reference for root in settings.model_dirs]
     for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate.resolve()
+        try:
+            if (candidate / "config.json").is_file():
+                return candidate.resolve()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a model
+            continue
     return None
 
 

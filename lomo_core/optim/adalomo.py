@@ -6,9 +6,11 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lomo_core.optim.fused import FusedOptimizer
+from lomo_core.zero3.comm import Partition
 
 
 class AdaLomo(FusedOptimizer):
@@ -32,6 +34,7 @@ class AdaLomo(FusedOptimizer):
         clip_grad_value: float | None = None,
         weight_decay: float = 0.0,
         loss_scale_args: dict[str, Any] | None = None,
+        engine: Any = None,
     ) -> None:
         problems = []
         if len(eps) != 2 or any(not (isinstance(e, (int, float)) and e >= 0) for e in eps):
@@ -49,16 +52,22 @@ class AdaLomo(FusedOptimizer):
         super().__init__(
             model, lr, clip_grad_norm, clip_grad_value, weight_decay, loss_scale_args,
             extra_defaults=dict(eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate),
+            engine=engine,
         )
         for p in self._params():
             state = self.state[p]
-            if p.dim() >= 2:
-                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
-                state["exp_avg_sq_col"] = torch.zeros(
-                    p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device
-                )
+            part = self.partitions.get(id(p))
+            shape = part.shape if part is not None else p.shape
+            device = p.ds_tensor.device if part is not None else p.device
+            if len(shape) >= 2:
+                # Under ZeRO-3 the factored statistics (a row and a column vector) are small and kept
+                # whole on every rank, identical everywhere; they are built from all-reduced sums.
+                state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+                state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=device)
             else:
-                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                # A vector's second moment is elementwise: partitioned like the parameter.
+                size = part.size if part is not None else shape
+                state["exp_avg_sq"] = torch.zeros(size, dtype=torch.float32, device=device)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -105,3 +114,76 @@ class AdaLomo(FusedOptimizer):
         p32.add_(update, alpha=-float(step_size))
         if p32 is not p:
             p.copy_(p32)
+
+    # ------------------------------------------------------------------ ZeRO-3
+    def _update_partition(self, p: torch.Tensor, part: Partition, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        """The update of :meth:`_apply_update` on this rank's partition: the row / column sums, the
+        update's RMS and the parameter's RMS are all-reduced, so every rank computes the factors of the
+        whole tensor and applies the same step size as a single process would."""
+        comm = self.comm
+        eps_sq, eps_scale = group["eps"]
+        beta2 = self._beta2
+        state = self.state[p]
+        shard = p.ds_tensor.data
+        g = self._prepare_grad(grad)[: part.valid]
+        numel = part.numel
+        if len(part.shape) >= 2:
+            cols, rows_per_block = part.shape[-1], part.shape[-2]
+            first_row = part.start // cols
+            lead = part.start % cols
+            n_rows = -(-(lead + part.valid) // cols) if part.valid else 0
+            tail = n_rows * cols - lead - part.valid
+
+            def as_rows(x: torch.Tensor) -> torch.Tensor:  # local elements laid out on whole rows
+                return F.pad(x, (lead, tail)).view(n_rows, cols)
+
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            sums = torch.zeros(row.numel() + col.numel(), dtype=torch.float32, device=g.device)
+            if n_rows:
+                sq = as_rows(g.square().add_(eps_sq))
+                sums[first_row:first_row + n_rows] = sq.sum(dim=1)
+                col_sums = sums[row.numel():].view(-1, cols)
+                for block, lo, hi in _blocks(first_row, n_rows, rows_per_block):
+                    col_sums[block] += sq[lo:hi].sum(dim=0)
+                del sq
+            comm.all_reduce_sum(sums)
+            row.mul_(beta2).add_(sums[: row.numel()].view_as(row) / cols, alpha=1.0 - beta2)
+            col.mul_(beta2).add_(sums[row.numel():].view_as(col) / rows_per_block, alpha=1.0 - beta2)
+            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().reshape(-1)
+            col_factor = col.rsqrt().reshape(-1, cols)
+            if n_rows:
+                blocks = torch.arange(first_row, first_row + n_rows, device=g.device) // rows_per_block
+                factor = row_factor[first_row:first_row + n_rows].unsqueeze(-1) * col_factor[blocks]
+                update = as_rows(g).mul_(factor).view(-1)[lead:lead + part.valid]
+            else:
+                update = g
+        else:
+            second = state["exp_avg_sq"][: part.valid]
+            second.mul_(beta2).add_(g.square().add_(eps_sq), alpha=1.0 - beta2)
+            update = g.mul_(second.rsqrt())
+
+        p32 = shard[: part.valid].to(torch.float32)
+        squares = torch.stack([update.square().sum(), p32.square().sum()]).to(torch.float32)
+        comm.all_reduce_sum(squares)
+        update_rms = squares[0].sqrt() / (numel**0.5)
+        update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
+        param_rms = squares[1].sqrt() / math.sqrt(numel)
+        if param_rms.item() > eps_scale:
+            step_size = param_rms * group["lr"]
+        else:
+            step_size = group["lr"] * eps_scale
+        if group["weight_decay"]:
+            p32.mul_(1.0 - step_size * group["weight_decay"])
+        p32.add_(update, alpha=-float(step_size))
+        shard[: part.valid].copy_(p32)
+
+
+def _blocks(first_row: int, n_rows: int, rows_per_block: int):
+    """(block index, first local row, end local row) of each block of ``rows_per_block`` rows met."""
+    row = first_row
+    end = first_row + n_rows
+    while row < end:
+        block = row // rows_per_block
+        stop = min((block + 1) * rows_per_block, end)
+        yield block, row - first_row, stop - first_row
+        row = stop

@@ -9,6 +9,14 @@ Global gradient-norm clipping and fp16 overflow detection need to know about *al
 any parameter may change. They run a first backward (``grad_norm``) whose hooks only accumulate
 per-parameter norms; the second backward (``fused_backward``) then applies the clipped update.
 Without norm clipping and without fp16, a step is a single backward.
+
+DeepSpeed ZeRO-3 parameters (``deepspeed.zero.Init`` + ``deepspeed.initialize`` with no DeepSpeed
+optimizer) are updated partition by partition: the hook reduce-scatters the full gradient, so each rank
+receives the mean gradient of its own partition only, updates ``param.ds_tensor`` and frees both at
+once (see ``lomo_core.zero3.comm``). Norms are all-reduced, so every rank applies the same clipping
+coefficient and agrees on fp16 overflow. A retained graph cannot be backpropagated twice under ZeRO-3
+(the partitions are released after the first pass), so there ``step(closure)`` runs the closure again
+for the update pass, with the RNG state restored.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 from torch import nn
 
 from lomo_core.optim.scaler import DynamicLossScaler
+from lomo_core.zero3.comm import Partition, ShardComm, is_partitioned
 
 _SLICE = 1 << 18  # elements per slice of a half-precision update: 1 MiB of fp32
 _NORM_PASS = "norm"
@@ -35,6 +44,16 @@ def _check_positive(name: str, value: float | None, problems: list[str], allow_n
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         problems.append(f"{name} must be a positive number, got {value!r}")
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -53,6 +72,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         weight_decay: float,
         loss_scale_args: dict[str, Any] | None,
         extra_defaults: dict[str, Any] | None = None,
+        engine: Any = None,
     ) -> None:
         problems: list[str] = []
         if not isinstance(model, nn.Module):
@@ -73,10 +93,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(f"{type(self).__name__}: the model has no trainable parameters")
-        if any(hasattr(p, "ds_id") for _, p in named):
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 partitioned parameters are not supported by this optimizer yet"
-            )
+        self.engine = engine
+        self.comm: ShardComm | None = None
+        self.partitions: dict[int, Partition] = {}
+        if any(is_partitioned(p) for _, p in named):
+            if engine is None or not hasattr(getattr(engine, "optimizer", None), "partition_all_parameters"):
+                raise ValueError(
+                    f"{type(self).__name__}: the model has DeepSpeed ZeRO-3 parameters; pass engine=<the engine of "
+                    "deepspeed.initialize(model=..., config=...) without a DeepSpeed optimizer>, so that "
+                    "gathered copies are released after each update"
+                )
+            persistent = [n for n, p in named if getattr(p, "ds_persist", False)]
+            if persistent:
+                raise ValueError(
+                    f"{type(self).__name__}: ZeRO-3 keeps {persistent[:3]} gathered between steps "
+                    "(stage3_param_persistence_threshold > 0), so updates of their partitions would not reach "
+                    "the forward pass; set zero_optimization.stage3_param_persistence_threshold to 0"
+                )
+            self.comm = ShardComm()
+            self.partitions = {id(p): Partition.of(p, self.comm.rank) for _, p in named}
         self.param_names = {p: n for n, p in named}
         defaults = dict(lr=float(lr), weight_decay=float(weight_decay), **(extra_defaults or {}))
         super().__init__([p for _, p in named], defaults)
@@ -112,6 +147,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self.clip_grad_norm is not None or self.scaler is not None
 
     @property
+    def zero3(self) -> bool:
+        """True when the parameters are DeepSpeed ZeRO-3 partitions."""
+        return self.comm is not None
+
+    @property
     def loss_scale(self) -> float:
         return self.scaler.scale if self.scaler is not None else 1.0
 
@@ -145,8 +185,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         if nbytes > self.peak_grad_bytes:
             self.peak_grad_bytes = nbytes
         with torch.no_grad():
+            part = None
+            if self.comm is not None:
+                part = self.partitions[key]
+                grad = self.comm.reduce_scatter_mean(grad, part)
             if self._pass == _NORM_PASS:
                 self._norms.append(self._grad_norm_of(grad))
+            elif part is not None:
+                self._update_partition(p, part, grad, self.param_groups[0])
             else:
                 self._update(p, grad, self.param_groups[0])
 
@@ -161,6 +207,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         flat_p, flat_g = p.view(-1), grad.view(-1)
         for start in range(0, flat_p.numel(), _SLICE):
             self._apply_update(flat_p[start:start + _SLICE], self._prepare_grad(flat_g[start:start + _SLICE]), group)
+
+    def _update_partition(self, p: torch.Tensor, part: Partition, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        """ZeRO-3: update this rank's partition ``p.ds_tensor`` with the gradient of that partition.
+
+        Elementwise updates (LOMO) use the flat partition as it is (the padding has zero gradient and
+        zero value, and stays zero); AdaLomo overrides this to gather its statistics across ranks.
+        """
+        self._update(p.ds_tensor.data, grad, group)
 
     def _grad_norm_of(self, grad: torch.Tensor) -> torch.Tensor:
         if self.clip_grad_value is None:
@@ -197,15 +251,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._seen = set()
         try:
             scaled = loss * self.scaler.scale if self.scaler is not None else loss
-            scaled.backward(retain_graph=retain_graph)
+            scaled.backward(retain_graph=retain_graph and self.comm is None)
         finally:
             self._pass = None
             self._seen = set()
+            if self.comm is not None:
+                # Gathered copies are stale once partitions change: the next forward gathers afresh.
+                self.engine.optimizer.partition_all_parameters()
 
     def grad_norm(self, loss: torch.Tensor) -> float:
         """First pass: compute the global gradient norm (and detect fp16 overflow); changes no parameter.
 
-        The autograd graph is retained for the :meth:`fused_backward` call that must follow.
+        The autograd graph is retained for the :meth:`fused_backward` call that must follow. Under
+        ZeRO-3 it cannot be: compute the loss again (same batch, same RNG state) for that call.
         """
         self._norms = []
         self._backward(loss, _NORM_PASS, retain_graph=True)
@@ -214,6 +272,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             total = torch.linalg.vector_norm(torch.stack(norms))
         else:
             total = torch.zeros((), dtype=torch.float32)
+        if self.comm is not None:  # the norm of the whole (mean) gradient: every rank gets the same value
+            total = self.comm.all_reduce_sum(total.square().reshape(1)).sqrt().reshape(())
         if self.scaler is not None and self.clip_grad_value is None:
             total = total / self.scaler.scale
         total_value = float(total)
@@ -277,9 +337,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "inside the backward pass, so the optimizer must run it"
             )
         with torch.enable_grad():
+            rng = _rng_state() if self.needs_norm_pass and self.comm is not None else None
             loss = closure()
             if self.needs_norm_pass:
                 self.grad_norm(loss)
+                if rng is not None and not self._overflow:
+                    _set_rng_state(rng)  # the same dropout masks as the first forward
+                    loss = closure()
             self.fused_backward(loss)
         return loss.detach()
 

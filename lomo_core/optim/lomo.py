@@ -17,7 +17,8 @@ class LOMO(FusedOptimizer):
     (``grad_norm(loss)`` then ``fused_backward(loss, lr)`` when clipping by norm, otherwise just
     ``fused_backward(loss, lr)``), plus ``step(closure)``. Without clipping the parameters follow
     ``torch.optim.SGD(lr, weight_decay)`` exactly; the update arithmetic is fp32 whatever the
-    parameter dtype, and fp16 parameters get dynamic loss scaling.
+    parameter dtype, and fp16 parameters get dynamic loss scaling. Under DeepSpeed ZeRO-3 pass
+    ``engine=`` (from ``deepspeed.initialize`` without optimizer): each rank updates its partition.
     """
 
     elementwise_update = True
@@ -30,8 +31,9 @@ class LOMO(FusedOptimizer):
         clip_grad_value: float | None = None,
         weight_decay: float = 0.0,
         loss_scale_args: dict[str, Any] | None = None,
+        engine: Any = None,
     ) -> None:
-        super().__init__(model, lr, clip_grad_norm, clip_grad_value, weight_decay, loss_scale_args)
+        super().__init__(model, lr, clip_grad_norm, clip_grad_value, weight_decay, loss_scale_args, engine=engine)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         if (group["weight_decay"] == 0 and self.clip_grad_value is None

@@ -78,7 +78,7 @@ class AdaLomo(FusedOptimizer):
         self._beta2 = 1.0 - math.pow(t, self.param_groups[0]["decay_rate"])
 
     def _apply_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        eps_sq, eps_scale = group["eps"]
+        eps_sq = group["eps"][0]
         beta2 = self._beta2
         state = self.state[p]
         if grad.dim() >= 2:
@@ -101,17 +101,7 @@ class AdaLomo(FusedOptimizer):
         update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
 
         p32 = p if p.dtype == torch.float32 else p.to(torch.float32)
-        # Relative step size lr * max(eps, RMS(p)), rounded the way lomo_optim rounds it (fp32 when the
-        # RMS wins, double when eps does) so that both give the same bits. The .item() is one device
-        # sync per parameter, as in the reference.
-        param_rms = torch.norm(p32, 2.0) / math.sqrt(numel)
-        if param_rms.item() > eps_scale:
-            step_size = param_rms * group["lr"]
-        else:
-            step_size = group["lr"] * eps_scale
-        if group["weight_decay"]:
-            p32.mul_(1.0 - step_size * group["weight_decay"])
-        p32.add_(update, alpha=-float(step_size))
+        _relative_step(p32, update, torch.norm(p32, 2.0) / math.sqrt(numel), group)
         if p32 is not p:
             p.copy_(p32)
 
@@ -121,7 +111,7 @@ class AdaLomo(FusedOptimizer):
         update's RMS and the parameter's RMS are all-reduced, so every rank computes the factors of the
         whole tensor and applies the same step size as a single process would."""
         comm = self.comm
-        eps_sq, eps_scale = group["eps"]
+        eps_sq = group["eps"][0]
         beta2 = self._beta2
         state = self.state[p]
         shard = p.ds_tensor.data
@@ -167,15 +157,24 @@ class AdaLomo(FusedOptimizer):
         comm.all_reduce_sum(squares)
         update_rms = squares[0].sqrt() / (numel**0.5)
         update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
-        param_rms = squares[1].sqrt() / math.sqrt(numel)
-        if param_rms.item() > eps_scale:
-            step_size = param_rms * group["lr"]
-        else:
-            step_size = group["lr"] * eps_scale
-        if group["weight_decay"]:
-            p32.mul_(1.0 - step_size * group["weight_decay"])
-        p32.add_(update, alpha=-float(step_size))
+        _relative_step(p32, update, squares[1].sqrt() / math.sqrt(numel), group)
         shard[: part.valid].copy_(p32)
+
+
+def _relative_step(p32: torch.Tensor, update: torch.Tensor, param_rms: torch.Tensor, group: dict[str, Any]) -> None:
+    """``p32 -= lr * max(eps, RMS(p)) * update`` (with decoupled weight decay), in place.
+
+    Rounded the way lomo_optim rounds it (fp32 when the RMS wins, double when eps does) so that both
+    give the same bits. The .item() is one device sync per parameter, as in the reference.
+    """
+    eps_scale = group["eps"][1]
+    if param_rms.item() > eps_scale:
+        step_size = param_rms * group["lr"]
+    else:
+        step_size = group["lr"] * eps_scale
+    if group["weight_decay"]:
+        p32.mul_(1.0 - step_size * group["weight_decay"])
+    p32.add_(update, alpha=-float(step_size))
 
 
 def _blocks(first_row: int, n_rows: int, rows_per_block: int):

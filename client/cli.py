@@ -20,9 +20,11 @@ out = Console()
 
 
 def _fail(lines: list[str], code: int = 2) -> None:
-    err.print("[bold red]error:[/] " + lines[0])
+    from rich.markup import escape  # messages quote paths and errors: "[...]" is text, not markup
+
+    err.print("[bold red]error:[/] " + escape(lines[0]))
     for line in lines[1:]:
-        err.print("  " + line)
+        err.print("  " + escape(line))
     raise typer.Exit(code)
 
 
@@ -65,6 +67,7 @@ def train(
     save_every: int | None = typer.Option(None),
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    nproc: int | None = typer.Option(None, help="ranks (GPUs, or CPU processes) sharing the model with ZeRO-3"),
     resume_from: Path | None = typer.Option(None, help="checkpoint folder, or 'latest' in the output folder"),
     config: Path | None = typer.Option(None, help="JSON file of settings; options given here override it"),
 ) -> None:
@@ -85,7 +88,7 @@ def train(
         gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size,
         validation_data=validation_data,
         validation_split=validation_split, eval_every=eval_every, save_every=save_every, seed=seed,
-        device=device, resume_from=resume_from,
+        device=device, resume_from=resume_from, nproc=nproc,
     )
     values.update({k: v for k, v in given.items() if v is not None})
     if str(values.get("resume_from")) == "latest":
@@ -97,6 +100,18 @@ def train(
         cfg = load_config(values)
     except ConfigError as e:
         _fail(["invalid training configuration", *e.problems])
+    if cfg.nproc > 1:
+        from lomo_core.zero3.launch import LaunchError, launch
+
+        try:
+            summary = launch(cfg, progress=True)
+        except LaunchError as e:
+            _fail([f"training stopped: {e}"], code=1)
+        out.print(f"trained {summary['steps']} steps on {cfg.nproc} ranks, {summary['trained_tokens']} tokens in "
+                  f"{summary['seconds']:.1f}s" + (f", validation loss {summary['val_loss']:.4f}"
+                                                  if summary["val_loss"] is not None else ""))
+        out.print(f"output: {cfg.output_dir}")
+        return
     bar = ProgressBarSink(console=err)
     try:
         result = run_training(cfg, sinks=[bar])
@@ -116,9 +131,12 @@ def train(
         out.print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
                   + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
     if result.memory:
+        import dataclasses
+
         from lomo_core.memory import MemoryReport
 
-        out.print("memory: " + MemoryReport(**result.memory).summary())
+        fields = {f.name for f in dataclasses.fields(MemoryReport)}
+        out.print("memory: " + MemoryReport(**{k: v for k, v in result.memory.items() if k in fields}).summary())
     out.print(f"output: {result.output_dir}")
 
 

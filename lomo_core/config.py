@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
         None, ge=1, description="compute the loss in chunks of this many tokens, never holding the full logits"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: int = Field(1, ge=1, description="ranks (GPUs, or CPU processes) training one model with ZeRO-3")
 
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (and at the end)")
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps")
@@ -72,6 +73,11 @@ class TrainConfig(BaseModel):
             problems.append(
                 f"dtype: fp16 needs loss scaling, which only lomo/adalomo provide here; use bf16 or fp32 "
                 f"with {self.optimizer}"
+            )
+        if self.nproc > 1 and self.optimizer not in FUSED_OPTIMIZERS:
+            problems.append(
+                f"nproc: {self.nproc} ranks train with lomo or adalomo (ZeRO-3 partitions updated in the backward "
+                f"pass); the {self.optimizer} baseline runs in one process"
             )
         if self.validation_data is not None and self.validation_split > 0:
             problems.append("validation_split: give either validation_data or validation_split, not both")

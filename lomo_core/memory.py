@@ -70,7 +70,8 @@ def _unique_storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    return _unique_storage_bytes(iter(model.parameters()))
+    """Bytes of the parameters this process holds: under ZeRO-3, its partitions (``ds_tensor``)."""
+    return _unique_storage_bytes(getattr(p, "ds_tensor", p) for p in model.parameters())
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
@@ -125,10 +126,17 @@ class StepMemoryMeter:
             opt_before = optimizer_state_bytes(self.optimizer)
             before_snapshot = tracker.get_tracker_snapshot("current")
             before = sum(snap["Total"] for snap in before_snapshot.values())
-            with tracker, warnings.catch_warnings():
-                # MemTracker warns about parameters whose .grad is None, which is LOMO's normal state.
-                warnings.filterwarnings("ignore", message="Expected a tensor")
-                yield result
+            recompute = getattr(self.optimizer, "before_recompute", False)
+            if recompute is None:
+                self.optimizer.before_recompute = tracker.reset_mod_stats  # type: ignore[union-attr]
+            try:
+                with tracker, warnings.catch_warnings():
+                    # MemTracker warns about parameters whose .grad is None, which is LOMO's normal state.
+                    warnings.filterwarnings("ignore", message="Expected a tensor")
+                    yield result
+            finally:
+                if recompute is None:
+                    self.optimizer.before_recompute = None  # type: ignore[union-attr]
             peak = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
             source = "cpu_tracker"
         opt_state = max(opt_before, optimizer_state_bytes(self.optimizer))

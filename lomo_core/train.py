@@ -27,6 +27,7 @@ from lomo_core.loss import chunked_causal_lm_loss, supports_chunked_loss
 from lomo_core.memory import StepMemoryMeter
 from lomo_core.metrics import JsonlSink, MetricSink, MultiSink
 from lomo_core.optim import LOMO, AdaLomo
+from lomo_core.zero3.runtime import CollectiveCounter, Ranks, ranks_from_env
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -67,11 +68,31 @@ class Run:
     loss_chunk_size: int | None = None
     data_summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # decisions taken at setup, reported as events
+    ranks: Ranks = field(default_factory=Ranks)
+    engine: Any = None  # the DeepSpeed engine when the model is ZeRO-3 partitioned
+    collectives: CollectiveCounter | None = None
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of a global batch; with several ranks, of this rank's rows, weighted so that the
+        mean of the ranks' gradients is the gradient of the whole batch's mean loss."""
+        if self.ranks.distributed:
+            from lomo_core.zero3.runtime import local_rows
+
+            items = _target_tokens(batch) / self.ranks.world
+            local = {k: v.to(self.device) for k, v in local_rows(batch, self.ranks).items()}
+            return self.model(**local, num_items_in_batch=max(items, 1e-9)).loss
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.loss_chunk_size:
             return chunked_causal_lm_loss(self.model, batch, self.loss_chunk_size)
         return self.model(**batch).loss
+
+    def global_value(self, local: float) -> float:
+        """The mean over ranks of a per-rank value (the loss of the whole batch, from weighted shares)."""
+        if not self.ranks.distributed:
+            return local
+        from lomo_core.zero3.runtime import all_reduce_sum
+
+        return all_reduce_sum([local], self.device)[0] / self.ranks.world
 
     @property
     def fused(self) -> bool:
@@ -91,23 +112,33 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _pick_device(name: str, ranks: Ranks) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device=cuda but no CUDA device is available", code="device_unavailable")
-    return torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name, ranks.local_rank) if name == "cuda" else torch.device(name)
 
 
-def _load_model(folder: Path, config: TrainConfig, device: torch.device) -> tuple[Any, Any]:
+def _load_model(folder: Path, config: TrainConfig, device: torch.device, ranks: Ranks) -> tuple[Any, Any, Any]:
+    """The model, its tokenizer, and the DeepSpeed engine when it is ZeRO-3 partitioned over ranks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    engine = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=config.torch_dtype)
+        if ranks.distributed:
+            from lomo_core.zero3.runtime import ds_config, load_zero3
+
+            loaded = load_zero3(folder, config.torch_dtype, ds_config(config.batch_size, config.dtype))
+            model, engine = loaded.model, loaded.engine
+            model._lomo_hf_ds_config = loaded.hf_config  # lives as long as the model
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=config.torch_dtype)
     except (OSError, ValueError, KeyError) as e:
         raise TrainingError(f"cannot load a causal LM from {folder}: {e}", code="invalid_model") from None
-    model.to(device)
+    if engine is None:
+        model.to(device)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         # Non-reentrant: each parameter's gradient completes once per backward, as the fused update needs.
@@ -116,11 +147,11 @@ def _load_model(folder: Path, config: TrainConfig, device: torch.device) -> tupl
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return model, tokenizer
+    return model, tokenizer, engine
 
 
-def _make_optimizer(config: TrainConfig, model: Any) -> torch.optim.Optimizer:
-    clip = dict(clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value)
+def _make_optimizer(config: TrainConfig, model: Any, engine: Any = None) -> torch.optim.Optimizer:
+    clip = dict(clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value, engine=engine)
     if config.optimizer == "lomo":
         return LOMO(model, lr=config.lr, weight_decay=config.weight_decay, **clip)
     if config.optimizer == "adalomo":
@@ -143,9 +174,23 @@ def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 def setup(config: TrainConfig) -> Run:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    device = _pick_device(config.device)
-    folder = config.resume_from if config.resume_from is not None else config.model
-    model, tokenizer = _load_model(folder, config, device)
+    ranks = ranks_from_env()
+    if ranks.world != config.nproc:
+        raise TrainingError(f"nproc={config.nproc} but {ranks.world} rank(s) were started: launch with "
+                            "`lomo train --nproc N` (torch.distributed.run)", code="launch_mismatch")
+    if config.resume_from is not None:
+        saved_world = torch.load(config.resume_from / STATE_FILE, map_location="cpu", weights_only=True).get("world", 1)
+        if saved_world != ranks.world:
+            raise TrainingError(f"{config.resume_from} was written by {saved_world} rank(s); resume it with "
+                                f"nproc={saved_world}", code="invalid_checkpoint")
+    device = _pick_device(config.device, ranks)
+    if ranks.distributed:
+        from lomo_core.zero3.runtime import init_distributed
+
+        init_distributed(ranks, device)
+    # A partitioned checkpoint holds partitions, not a model folder: the model comes from config.model.
+    folder = config.resume_from if config.resume_from is not None and not ranks.distributed else config.model
+    model, tokenizer, engine = _load_model(folder, config, device, ranks)
 
     loaded = load_examples(config.data, tokenizer, config.max_seq_len, config.data_format)
     rows = loaded.examples
@@ -161,12 +206,16 @@ def setup(config: TrainConfig) -> Run:
     validation = BatchPlan(val_rows, config.batch_size, config.seed, False, pad_id) if val_rows else None
     total = config.max_steps if config.max_steps is not None else config.epochs * plan.batches_per_epoch
 
-    run = Run(config, model, tokenizer, _make_optimizer(config, model), plan, validation, device, total)
+    run = Run(config, model, tokenizer, _make_optimizer(config, model, engine), plan, validation, device, total,
+              ranks=ranks, engine=engine, collectives=CollectiveCounter() if ranks.distributed else None)
     run.data_summary = {
         "format": loaded.format, "examples": len(loaded.examples), "truncated": loaded.truncated,
         "dropped": loaded.dropped, "rows": len(rows), "validation_rows": len(val_rows or []),
     }
-    if config.loss_chunk_size:
+    if config.loss_chunk_size and ranks.distributed:
+        run.notes.append("loss_chunk_size ignored with several ranks: the chunked loss reads the output layer's "
+                         "weight outside its module, where ZeRO-3 has not gathered it")
+    elif config.loss_chunk_size:
         _, first = next(plan.iterate(0))
         first = {k: v.to(device) for k, v in first.items()}
         model.eval()
@@ -200,9 +249,10 @@ def lr_at(config: TrainConfig, step: int, total: int) -> float:
 
 def _checked_loss(run: Run, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
     loss = run.loss(batch)
-    if not torch.isfinite(loss):
+    value = run.global_value(loss.item()) if run.ranks.distributed else loss.detach()  # every rank decides alike
+    if not math.isfinite(float(value)):
         raise TrainingError(
-            f"the loss became {loss.item()} at step {step + 1}: lower lr, enable clip_grad_norm, "
+            f"the loss became {float(value)} at step {step + 1}: lower lr, enable clip_grad_norm, "
             "or use bf16/fp32 instead of fp16",
             code="nan_loss",
         )
@@ -219,7 +269,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float) -> tuple[flo
         skipped_before = optimizer.skipped_steps
         loss = optimizer.step(lambda: _checked_loss(run, batch, step))
         grad_norm = optimizer.last_grad_norm if optimizer.needs_norm_pass else None
-        return loss.item(), grad_norm, optimizer.skipped_steps == skipped_before
+        return run.global_value(loss.item()), grad_norm, optimizer.skipped_steps == skipped_before
     optimizer.zero_grad(set_to_none=True)
     loss = _checked_loss(run, batch, step)
     loss.backward()
@@ -244,9 +294,11 @@ def validation_loss(run: Run) -> float:
     run.model.eval()
     total, tokens = 0.0, 0
     for _, batch in run.validation.iterate(0):
-        batch = {k: v.to(run.device) for k, v in batch.items()}
         n = _target_tokens(batch)
-        total += run.loss(batch).item() * n
+        if run.ranks.distributed:  # loss(batch) weights this rank's share: the mean over ranks is the batch's
+            total += run.global_value(run.loss(batch).item()) * n
+        else:
+            total += run.loss(batch).item() * n
         tokens += n
     run.model.train(was_training)
     return total / max(tokens, 1)
@@ -261,7 +313,10 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """A Hugging Face folder (safetensors + tokenizer) plus optimizer state, position and RNG."""
+    """A Hugging Face folder (safetensors + tokenizer) plus optimizer state, position and RNG; with
+    several ranks, each rank's partitions and optimizer state (resumable on as many ranks)."""
+    if run.ranks.distributed:
+        return _save_partitioned(run)
     root = run.config.output_dir / "checkpoints"
     final = root / f"step-{run.position.step:06d}"
     partial = root / f".partial-step-{run.position.step:06d}"
@@ -285,8 +340,46 @@ def save_checkpoint(run: Run) -> Path:
     return final
 
 
+def _rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"zero3-rank-{rank:05d}.pt"
+
+
+def _save_partitioned(run: Run) -> Path:
+    import torch.distributed as dist
+
+    from lomo_core.zero3.runtime import partition_state
+
+    root = run.config.output_dir / "checkpoints"
+    final = root / f"step-{run.position.step:06d}"
+    partial = root / f".partial-step-{run.position.step:06d}"
+    if run.ranks.main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    torch.save({"partitions": partition_state(run.model), "optimizer": run.optimizer.state_dict(),
+                "rng": _rng_state()}, _rank_file(partial, run.ranks.rank))
+    dist.barrier()
+    if run.ranks.main:
+        run.tokenizer.save_pretrained(partial)
+        torch.save({"position": vars(run.position).copy(), "world": run.ranks.world,
+                    "config": json.loads(run.config.model_dump_json())}, partial / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        kept = sorted(p for p in root.iterdir() if p.name.startswith("step-"))
+        for old in kept[: -run.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
 def _restore(run: Run, folder: Path) -> None:
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if run.ranks.distributed:
+        from lomo_core.zero3.runtime import load_partition_state
+
+        mine = torch.load(_rank_file(folder, run.ranks.rank), map_location="cpu", weights_only=True)
+        load_partition_state(run.model, mine["partitions"])
+        state = {**state, "optimizer": mine["optimizer"], "rng": mine["rng"]}
     run.optimizer.load_state_dict(state["optimizer"])
     run.position = Position(**state["position"])
     rng = state["rng"]
@@ -326,9 +419,12 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
             lr = lr_at(config, pos.step, run.total_steps)
             track = track_every_step or pos.step == 0 or (pos.step + 1) % config.memory_interval == 0
             tic = time.perf_counter()
-            with meter.measure() if track else contextlib.nullcontext() as measured:
+            sent_before = run.collectives.bytes_sent if run.collectives else 0
+            counting = run.collectives.counting() if run.collectives else contextlib.nullcontext()
+            with counting, meter.measure() if track else contextlib.nullcontext() as measured:
                 loss, grad_norm, applied = train_step(run, batch, lr)
             seconds = time.perf_counter() - tic
+            bytes_sent = run.collectives.bytes_sent - sent_before if run.collectives else 0
             pos.step, pos.index = pos.step + 1, index + 1
             tokens = int(batch["attention_mask"].sum())
             trained_tokens += tokens
@@ -337,10 +433,12 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "tokens_per_s": tokens / seconds, "step_seconds": seconds, "epoch": pos.epoch,
                 "loss_scale": getattr(run.optimizer, "loss_scale", None), "skipped": not applied,
+                "bytes_sent": bytes_sent,
             })
             if track and measured is not None and measured.report is not None:
-                last_memory = measured.report.as_dict()
-                sink.write("memory", pos.step, last_memory)
+                last_memory = {**measured.report.as_dict(), "rank": run.ranks.rank, "bytes_sent_per_step": bytes_sent}
+                for report in _per_rank(run, last_memory):
+                    sink.write("memory", pos.step, report)
             if run.validation is not None and config.eval_every and pos.step % config.eval_every == 0:
                 val_loss = validation_loss(run)
                 sink.write("val", pos.step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))})
@@ -355,16 +453,33 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
     model_dir = None
     if config.save_final_model:
         model_dir = config.output_dir / "model"
-        run.model.save_pretrained(model_dir, safe_serialization=True)
-        run.tokenizer.save_pretrained(model_dir)
+        if run.ranks.distributed:
+            from lomo_core.zero3.runtime import save_gathered
+
+            save_gathered(run.model, run.tokenizer, model_dir, run.ranks)
+        else:
+            run.model.save_pretrained(model_dir, safe_serialization=True)
+            run.tokenizer.save_pretrained(model_dir)
     result = TrainResult(config.output_dir, model_dir, pos.step, losses, val_loss, last_memory,
                          trained_tokens, time.perf_counter() - started)
-    summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
-    (config.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if last_memory is not None:
-        (config.output_dir / "memory.json").write_text(json.dumps(last_memory, indent=2))
+    if run.ranks.main:
+        summary = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}
+        (config.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if last_memory is not None:
+            (config.output_dir / "memory.json").write_text(json.dumps(last_memory, indent=2))
     sink.write("end", pos.step, {"steps": pos.step, "val_loss": val_loss})
     return result
+
+
+def _per_rank(run: Run, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's memory report, in rank order (one collective; every rank measures the same steps)."""
+    if not run.ranks.distributed:
+        return [report]
+    import torch.distributed as dist
+
+    reports: list[Any] = [None] * run.ranks.world
+    dist.all_gather_object(reports, report)
+    return reports
 
 
 def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = ()) -> TrainResult:
@@ -375,7 +490,9 @@ def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = ()
 
     hf_logging.disable_progress_bar()  # the sinks report progress; no tqdm bars from save_pretrained
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    sink = MultiSink([JsonlSink(config.output_dir / "metrics.jsonl"), *sinks])
+    # With several ranks, rank 0 reports for all (memory of every rank included); the others say nothing.
+    main = ranks_from_env().main
+    sink = MultiSink([JsonlSink(config.output_dir / "metrics.jsonl"), *sinks] if main else [])
     try:
         return fit(setup(config), sink)
     finally:

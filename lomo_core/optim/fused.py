@@ -130,6 +130,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._norm_done = False
         self._overflow = False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for _, p in named]
+        #: called before the closure runs a second time (ZeRO-3 with a norm pass); the CPU memory meter
+        #: uses it to tell its tracker that the same modules run again within the step
+        self.before_recompute: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ configuration
     @staticmethod
@@ -343,6 +346,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self.grad_norm(loss)
                 if rng is not None and not self._overflow:
                     _set_rng_state(rng)  # the same dropout masks as the first forward
+                    if self.before_recompute is not None:
+                        self.before_recompute()
                     loss = closure()
             self.fused_backward(loss)
         return loss.detach()

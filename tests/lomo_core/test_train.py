@@ -160,6 +160,18 @@ def test_cli_rejects_bad_options_with_field_names(base, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_cli_prints_messages_with_brackets_as_they_are(base, tmp_path):
+    data = tmp_path / "p[" / "x].jsonl"  # the path holds "[/x]", a closing tag to rich unless escaped
+    data.parent.mkdir()
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": [1]}\n')
+    cmd = [sys.executable, "-m", "client.cli", "train", "--model", str(base["model"]), "--data", str(data),
+           "-o", str(tmp_path / "x"), "--max-steps", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "p[/x].jsonl:2" in "".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+
+
 def test_gradient_checkpointing_gives_the_same_run(base, tmp_path):
     settings = {**base, "max_steps": 3, "clip_grad_norm": 1.0, "save_final_model": False}
     plain = train({**settings, "output_dir": tmp_path / "a"})

@@ -7,8 +7,8 @@ import torch
 
 from lomo_core.config import ConfigError
 from lomo_core.data import DataError
+from lomo_core.errors import classify
 from lomo_core.train import TrainingError
-from worker.runner import classify
 
 
 @pytest.mark.parametrize("error, code, field, needle", [

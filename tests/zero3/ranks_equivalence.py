@@ -25,6 +25,11 @@ CASES = {
     "lomo_clip_value_wd": ("gpt2", LOMO, {"lr": 0.05, "clip_grad_value": 0.01, "weight_decay": 0.1}),
     "adalomo": ("llama", AdaLomo, {"lr": 0.01}),
     "adalomo_clip_norm": ("gpt2", AdaLomo, {"lr": 0.01, "clip_grad_norm": 0.5, "weight_decay": 0.01}),
+    # the first steps overflow (a huge loss scale): every rank must skip exactly the steps one process skips
+    "lomo_overflow": ("llama", LOMO, {"lr": 0.05, "loss_scale_args": {
+        "enabled": True, "init_scale": 2.0**125, "scale_factor": 2.0**40, "scale_window": 1000}}),
+    # non-reentrant activation checkpointing of the ZeRO-3 model only
+    "lomo_checkpointing": ("llama", LOMO, {"lr": 0.05, "clip_grad_norm": 0.5}),
 }
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
     "stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -66,6 +71,8 @@ def main() -> None:
             if rank == 0:  # start from exactly the reference's weights
                 for pname, p in model.named_parameters():
                     p.copy_(reference.state_dict()[pname])
+        if name == "lomo_checkpointing":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         sharded_opt = opt_cls(model, engine=engine, **kwargs)
         reference_opt = opt_cls(reference, **kwargs)
         g = torch.Generator().manual_seed(1)
@@ -89,6 +96,7 @@ def main() -> None:
                          "steps": STEPS, "world": world, "padded_grad_bytes": padded_grad_bytes,
                          "norm_pass": sharded_opt.needs_norm_pass,
                          "grad_norm": sharded_opt.last_grad_norm, "reference_grad_norm": reference_opt.last_grad_norm,
+                         "skipped": sharded_opt.skipped_steps, "reference_skipped": reference_opt.skipped_steps,
                          "bytes_sent": sharded_opt.comm.bytes_sent}
     if rank == 0:
         with open(args.out, "w") as f:

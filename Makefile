@@ -25,12 +25,13 @@ test: install lint
 demo: install
 	$(PY) scripts/demo.py
 
-# Not in CI: about 35 minutes on 2 CPU cores. Each command writes its report to docs/.
+# Not in CI: about 40 minutes on 2 CPU cores. Each command writes its report to docs/.
 bench: install
 	$(PY) benchmarks/bench_optimizers.py --repeat 3 --out docs/benchmarks.md
 	$(PY) benchmarks/bench_optimizers.py --repeat 3 --loss-chunk 256 \
 	    --methods forward_graph,sgd,ref_lomo,ref_lomo_clip,lomo,lomo_clip --out docs/benchmarks-chunked-loss.md
 	$(PY) benchmarks/bench_hook_overhead.py --layers 8 32 96 > docs/benchmarks-hook-overhead.md
+	$(PY) benchmarks/bench_zero3.py --out docs/benchmarks-zero3.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -42,6 +42,14 @@ if str(REPO_ROOT) not in sys.path:
 METHODS = ["forward_graph", "adamw", "sgd", "ref_lomo", "ref_lomo_clip", "lomo", "lomo_clip", "adalomo"]
 DTYPES = ["fp32", "bf16"]
 RESULT_PREFIX = "BENCH_RESULT "
+RELATED = """
+## Other reports
+
+- [benchmarks-chunked-loss.md](benchmarks-chunked-loss.md): the same comparison with `loss_chunk_size`.
+- [benchmarks-hook-overhead.md](benchmarks-hook-overhead.md): per-step cost of the hooks as parameter tensors grow.
+- [benchmarks-zero3.md](benchmarks-zero3.md): ZeRO-3 across 2 ranks against the reference `lomo_optim` in its
+  ZeRO-3 mode: step time, per-rank peak memory, bytes each rank sends per step (`benchmarks/bench_zero3.py`).
+"""
 MiB = 1024**2
 
 
@@ -551,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         best["runs_tokens_per_s"] = [r["tokens_per_s"] for r in ok]
         best["failed_runs"] = len(rs) - len(ok)
         results.append(best)
-    text = render(args, command, info, results, wall)
+    text = render(args, command, info, results, wall) + RELATED
     print()
     print(text)
     if args.out:

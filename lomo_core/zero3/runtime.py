@@ -113,14 +113,17 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 class CollectiveCounter:
     """Counts the bytes this rank sends through torch.distributed collectives (ring algorithms): the
     optimizer's reduce-scatters and DeepSpeed's parameter all-gathers alike. An all-gather or a
-    reduce-scatter of a full tensor of S bytes sends (N-1)/N * S, an all-reduce twice that."""
+    reduce-scatter of a full tensor of S bytes sends (N-1)/N * S, an all-reduce twice that, a
+    point-to-point send all of its tensor."""
 
     #: collective -> (factor, position and keyword of the full-size tensor)
     SPEC = {"all_gather_into_tensor": (1, 0, "output_tensor"), "reduce_scatter_tensor": (1, 1, "input"),
-            "all_reduce": (2, 0, "tensor"), "broadcast": (1, 0, "tensor")}
+            "all_reduce": (2, 0, "tensor"), "broadcast": (1, 0, "tensor"),
+            "isend": (0, 0, "tensor"), "send": (0, 0, "tensor")}  # factor 0: point to point, all of it
 
     def __init__(self) -> None:
         self.bytes_sent = 0
+        self.by_kind: dict[str, int] = {}  # bytes per collective (all_gather_into_tensor, reduce_scatter_tensor...)
 
     @contextmanager
     def counting(self) -> Iterator[CollectiveCounter]:
@@ -134,7 +137,10 @@ class CollectiveCounter:
                 if tensor is None and name == "all_gather_into_tensor":
                     tensor = kwargs.get("output_tensor")
                 if isinstance(tensor, torch.Tensor):
-                    self.bytes_sent += factor * tensor.numel() * tensor.element_size() * (world - 1) // world
+                    nbytes = tensor.numel() * tensor.element_size()
+                    sent = factor * nbytes * (world - 1) // world if factor else nbytes
+                    self.bytes_sent += sent
+                    self.by_kind[name] = self.by_kind.get(name, 0) + sent
                 return original(*args, **kwargs)
 
             return counted

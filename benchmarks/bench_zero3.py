@@ -86,7 +86,6 @@ def rank_worker(args: argparse.Namespace) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     config = ds_config(args.batch, args.dtype)
     keep = HfDeepSpeedConfig(config)  # the reference detects ZeRO-3 through transformers  # noqa: F841
     model_config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -100,7 +99,9 @@ def rank_worker(args: argparse.Namespace) -> None:
     for method in args.methods:
         result: dict[str, Any] = {"method": method}
         try:
-            with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
+            # The dtype comes from the config (bf16 enabled or not). Passing dtype=torch.float32 here gives
+            # bfloat16 parameters with DeepSpeed 0.19 on CPU ranks (seen): do not pass it.
+            with deepspeed.zero.Init(config_dict_or_path=config):
                 torch.manual_seed(0)
                 model = LlamaForCausalLM(model_config)
             engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -155,6 +156,8 @@ def rank_worker(args: argparse.Namespace) -> None:
             partition = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
             result["partition_bytes"] = partition
             result["model_bytes"] = sum(p.ds_numel * p.ds_tensor.element_size() for p in model.parameters())
+            result["dtype"] = str(next(model.parameters()).ds_tensor.dtype).removeprefix("torch.")
+            result["parameters"] = sum(p.ds_numel for p in model.parameters())
             del opt, engine, model
         except Exception as e:  # a method that crashes is a result too (the reference's ZeRO-3 AdaLomo)
             result["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
@@ -215,14 +218,19 @@ def launch(args: argparse.Namespace, argv: list[str]) -> list[list[dict[str, Any
     return results
 
 
+def _first(results: list[list[dict[str, Any]]], key: str, default: Any) -> Any:
+    return next((ranks[0][key] for ranks in results if key in ranks[0]), default)
+
+
 def report(args: argparse.Namespace, results: list[list[dict[str, Any]]], command: str) -> str:
     by = {ranks[0]["method"]: ranks for ranks in results}
     lines = [
         f"# ZeRO-3 across {args.nproc} ranks: LOMO / AdaLomo against the reference `lomo_optim`", "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; preset `{args.preset}`: LLaMA architecture, "
-        f"hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocabulary {args.vocab}, "
-        f"{args.dtype}; per rank batch {args.batch} x {args.seq} tokens; median of {args.steps} steps.", "",
+        f"hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocabulary {args.vocab} "
+        f"({_first(results, 'parameters', 0) / 1e6:.1f}M parameters, held as {_first(results, 'dtype', '?')}); "
+        f"per rank batch {args.batch} x {args.seq} tokens; median of {args.steps} steps.", "",
         "| method | s / step | bytes sent / step / rank | of which gradients (optimizer) | parameter "
         "all-gathers | peak MiB per rank | partition MiB per rank |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -194,6 +194,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with db.session() as session:
             return JobObject.of(service.get_job(session, owner, job.id))
 
+    @app.post("/v1/estimates", responses=ERRORS,
+              summary="Predicted memory per device of a job (same body as a job), the GPU count and whether it fits")
+    def estimate(body: JobCreate) -> dict[str, Any]:
+        with db.session() as session:
+            return {"object": "estimate", **service.estimate_job(session, settings, owner, body)}
+
     @app.get("/v1/fine_tuning/jobs", response_model=JobList, responses=ERRORS)
     def list_jobs(
         request: Request,

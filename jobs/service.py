@@ -221,8 +221,31 @@ def check_train_config(values: dict[str, Any]) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def create_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> Job:
-    """Validate everything a job needs, then write it ``queued``. The caller commits, then enqueues."""
+def predict_memory(settings: Settings, model: Path, resolved: dict[str, Any], pinned: int | None) -> dict[str, Any]:
+    """The memory model's answer for a job on this deployment's devices (``lomo_core.memory_model``)."""
+    from lomo_core.memory_model import GiB, model_shape, place
+
+    device, count, device_bytes = settings.device_inventory()
+    try:
+        shape = model_shape(model)
+    except Exception as e:  # a config the model cannot be built from on the meta device: no prediction
+        return {"available": False, "reason": f"cannot read the model's shape: {type(e).__name__}: {e}"}
+    placement = place(
+        shape, device_bytes, count, pinned=pinned, optimizer=resolved["optimizer"], dtype=resolved["dtype"],
+        batch_size=resolved["batch_size"], seq_len=resolved["max_seq_len"],
+        gradient_checkpointing=resolved["gradient_checkpointing"], loss_chunk_size=resolved["loss_chunk_size"],
+        device=device,
+    )
+    return {
+        "available": True, "fits": placement.fits, "gpus": placement.gpus if device == "cuda" else None,
+        "device": device, "devices": count, "device_bytes": device_bytes, "reason": placement.reason,
+        "parameters": shape.parameters, "per_device": placement.estimate.as_dict(),
+        "per_device_gib": round(placement.estimate.peak_bytes / GiB, 2),
+    }
+
+
+def _checked_request(session: Session, settings: Settings, owner: str, request: JobCreate, job_id: str):
+    """Files, model and hyperparameters of a job request, all validated; or InvalidRequest."""
     ensure_user(session, owner)
     problems = []
     files: dict[str, File | None] = {"training_file": None, "validation_file": None}
@@ -241,22 +264,45 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
                                          f"a registered model" + (f" ({', '.join(known)})" if known else "")))
     if problems:
         raise InvalidRequest(problems)
-
-    job_id = new_id("ftjob")
     train, val = files["training_file"], files["validation_file"]
     values = train_config_values(settings, job_id, model, request.method, request.hyperparameter_values(),
                                  file_path(settings, train), file_path(settings, val) if val else None)
-    resolved = check_train_config(values)
+    return model, train, val, check_train_config(values)
+
+
+def estimate_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> dict[str, Any]:
+    """``POST /v1/estimates``: what a job would need, without creating it."""
+    model, _train, _val, resolved = _checked_request(session, settings, owner, request, "estimate")
+    return predict_memory(settings, model, resolved, request.gpus)
+
+
+def create_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> Job:
+    """Validate everything a job needs, then write it ``queued``. The caller commits, then enqueues.
+
+    A job the memory model says cannot fit on all the devices of a node is refused; with a pinned GPU
+    count that the model says is too few, the job is accepted with a warning."""
+    job_id = new_id("ftjob")
+    model, train, val, resolved = _checked_request(session, settings, owner, request, job_id)
+    prediction = predict_memory(settings, model, resolved, request.gpus)
+    if prediction.get("available") and not prediction["fits"] and request.gpus is None:
+        raise InvalidRequest([Problem("model", f"the job cannot fit on this deployment: it {prediction['reason']}; "
+                                               "lower batch_size or max_seq_len, turn on gradient_checkpointing, "
+                                               "set loss_chunk_size, or use lomo / adalomo")],
+                             code="insufficient_memory")
     job = Job(
         id=job_id, owner_id=owner, status=JobStatus.QUEUED.value, model=request.model,
         training_file_id=train.id, validation_file_id=val.id if val else None, method=request.method,
         hyperparameters={name: resolved[name] for name in HYPERPARAMETERS}, suffix=request.suffix,
-        metadata_=dict(request.metadata), created_at=now_utc(),
+        metadata_=dict(request.metadata), created_at=now_utc(), predicted_memory=prediction,
     )
     session.add(job)
     session.flush()
     add_event(session, job.id, f"job created: {request.method} on {request.model}, "
                                f"{train.records} training records")
+    if prediction.get("available"):
+        level = "info" if prediction["fits"] else "warning"
+        add_event(session, job.id, f"predicted memory: {prediction['per_device_gib']} GiB per device; "
+                                   f"{prediction['reason']}", level, data=prediction)
     return job
 
 

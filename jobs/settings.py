@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     #: a training example longer than this (in characters) is refused at upload
     max_example_chars: int = 1_000_000
 
+    #: memory of each GPU of a node, in GiB (declared; e.g. [24, 24, 24, 24, 24, 24, 24, 24]); empty: a CPU
+    #: node, where a job gets the host's memory
+    gpu_memory_gib: list[float] = Field(default_factory=list)
     #: the device training runs on (the GPU scheduler will pick devices per job)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: the worker writes metrics to the database at most this often (seconds)
@@ -52,6 +55,14 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    def device_inventory(self) -> tuple[str, int, int]:
+        """(device kind, devices per node, bytes of the smallest device) that jobs are placed on."""
+        if self.gpu_memory_gib:
+            return "cuda", len(self.gpu_memory_gib), int(min(self.gpu_memory_gib) * 1024**3)
+        import os
+
+        return "cpu", 1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     @property
     def embedded(self) -> bool:

@@ -227,3 +227,67 @@ def test_openapi_documents_the_routes(client):
                  "/v1/fine_tuning/jobs/{job_id}/checkpoints", "/v1/fine_tuning/jobs/{job_id}/metrics",
                  "/v1/fine_tuning/jobs/{job_id}/memory", "/v1/fine_tuning/jobs/{job_id}/evals"]:
         assert path in paths
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def llama_folder(root, name, **sizes):
+    folder = root / name
+    folder.mkdir()
+    config = {"model_type": "llama", "vocab_size": 32000, "torch_dtype": "float16", **sizes}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture
+def gpu_node(tmp_path, database_url):
+    """A deployment that declares a node of 8 x 24 GiB GPUs, and configs of the paper's LLaMA sizes."""
+    models = tmp_path / "models"
+    models.mkdir()
+    llama_folder(models, "llama-7b", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32)
+    llama_folder(models, "llama-13b", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                 num_attention_heads=40)
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[models],
+                        gpu_memory_gib=[24] * 8)
+    with TestClient(create_app(settings)) as c:
+        yield c, upload(c).json()["id"]
+
+
+PAPER = {"dtype": "fp16", "batch_size": 1, "max_seq_len": 512, "gradient_checkpointing": True}
+
+
+def test_estimates_answer_before_a_job_exists(gpu_node):
+    client, file_id = gpu_node
+    body = {"model": "llama-13b", "training_file": file_id, "hyperparameters": PAPER}
+    answer = client.post("/v1/estimates", json=body).json()
+    assert answer["object"] == "estimate" and answer["fits"] is True and answer["gpus"] == 2
+    assert answer["device"] == "cuda" and answer["devices"] == 8 and answer["parameters"] > 13e9
+    assert answer["per_device"]["peak_bytes"] <= 24 * 1024**3
+    # fp16 parameters (2 bytes each) split over the 2 GPUs
+    assert answer["per_device"]["parameters_bytes"] == pytest.approx(answer["parameters"], rel=1e-6)
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+    error = error_of(client.post("/v1/estimates", json={**body, "hyperparameters": {"lr": 0}}), 422)
+    assert error["param"] == "hyperparameters.lr"
+
+
+def test_a_job_that_cannot_fit_is_refused_with_the_figures(gpu_node):
+    client, file_id = gpu_node
+    body = {"model": "llama-7b", "training_file": file_id, "method": "adamw",
+            "hyperparameters": {**PAPER, "dtype": "bf16"}}
+    error = error_of(client.post("/v1/fine_tuning/jobs", json=body), 422)
+    assert error["code"] == "insufficient_memory" and error["param"] == "model"
+    assert "GiB per device on 1 device(s); each has 24.00 GiB" in error["message"]
+    assert "LOMO needs 1 device" in error["message"]
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_jobs_store_their_prediction_and_a_pinned_count_is_warned(gpu_node):
+    client, file_id = gpu_node
+    job = create(client, "llama-13b", file_id, hyperparameters=PAPER).json()
+    assert job["predicted_memory"]["gpus"] == 2 and job["predicted_memory"]["fits"] is True
+    memory = client.get(f"/v1/fine_tuning/jobs/{job['id']}/memory").json()
+    assert memory["predicted"]["per_device"]["peak_bytes"] == job["predicted_memory"]["per_device"]["peak_bytes"]
+    pinned = create(client, "llama-13b", file_id, hyperparameters=PAPER, gpus=1).json()
+    assert pinned["status"] == "queued" and pinned["predicted_memory"]["fits"] is False
+    events = client.get(f"/v1/fine_tuning/jobs/{pinned['id']}/events").json()["data"]
+    assert any(e["level"] == "warning" and "predicted memory" in e["message"] for e in events)

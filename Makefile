@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: install
 	    --methods forward_graph,sgd,ref_lomo,ref_lomo_clip,lomo,lomo_clip --out docs/benchmarks-chunked-loss.md
 	$(PY) benchmarks/bench_hook_overhead.py --layers 8 32 96 > docs/benchmarks-hook-overhead.md
 	$(PY) benchmarks/bench_zero3.py --out docs/benchmarks-zero3.md
+
+# Not in CI: the memory model against 20 measured configurations (about 2 minutes on 2 CPU cores).
+bench-memory: install
+	$(PY) benchmarks/bench_memory.py --out docs/benchmarks-memory.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -49,6 +49,8 @@ RELATED = """
 - [benchmarks-hook-overhead.md](benchmarks-hook-overhead.md): per-step cost of the hooks as parameter tensors grow.
 - [benchmarks-zero3.md](benchmarks-zero3.md): ZeRO-3 across 2 ranks against the reference `lomo_optim` in its
   ZeRO-3 mode: step time, per-rank peak memory, bytes each rank sends per step (`benchmarks/bench_zero3.py`).
+- [benchmarks-memory.md](benchmarks-memory.md): the memory model's predictions against 20 measured steps
+  (`make bench-memory`).
 """
 MiB = 1024**2
 

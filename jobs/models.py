@@ -70,6 +70,8 @@ class Job(Base):
     error_param: Mapped[str | None] = mapped_column(String(200))
     result_files: Mapped[list[Any]] = mapped_column(default=list)
     predicted_memory: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: devices the job trains on: GPUs (ZeRO-3 over several), or CPU ranks on a CPU node
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Claim and liveness: which worker runs the job, since when it was last heard of, which attempt.
     claimed_by: Mapped[str | None] = mapped_column(String(200))

@@ -181,7 +181,7 @@ def registered_models(settings: Settings) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- jobs
 _PARAM_OF_FIELD = {"model": "model", "data": "training_file", "validation_data": "validation_file",
-                   "optimizer": "method"}
+                   "optimizer": "method", "nproc": "gpus"}
 
 
 def param_for_field(field_name: str) -> str:
@@ -198,11 +198,11 @@ def job_output_dir(settings: Settings, job_id: str) -> Path:
 
 def train_config_values(
     settings: Settings, job_id: str, model: Path, method: str, hyperparameters: dict[str, Any],
-    training_path: Path, validation_path: Path | None,
+    training_path: Path, validation_path: Path | None, gpus: int = 1,
 ) -> dict[str, Any]:
     values: dict[str, Any] = dict(hyperparameters)
     values.update(model=model, data=training_path, output_dir=job_output_dir(settings, job_id),
-                  optimizer=method, device=settings.device)
+                  optimizer=method, device=settings.device, nproc=gpus)
     if validation_path is not None:
         values["validation_data"] = validation_path
     return values
@@ -262,11 +262,15 @@ def _checked_request(session: Session, settings: Settings, owner: str, request: 
         known = registered_models(settings)
         problems.append(Problem("model", f"{request.model!r} is neither a model folder (with config.json) nor "
                                          f"a registered model" + (f" ({', '.join(known)})" if known else "")))
+    _device, count, _bytes = settings.device_inventory()
+    if request.gpus is not None and _device == "cuda" and request.gpus > count:
+        problems.append(Problem("gpus", f"{request.gpus} GPUs asked for; a node of this deployment has {count}"))
     if problems:
         raise InvalidRequest(problems)
     train, val = files["training_file"], files["validation_file"]
     values = train_config_values(settings, job_id, model, request.method, request.hyperparameter_values(),
-                                 file_path(settings, train), file_path(settings, val) if val else None)
+                                 file_path(settings, train), file_path(settings, val) if val else None,
+                                 gpus=request.gpus or 1)
     return model, train, val, check_train_config(values)
 
 
@@ -294,6 +298,7 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
         training_file_id=train.id, validation_file_id=val.id if val else None, method=request.method,
         hyperparameters={name: resolved[name] for name in HYPERPARAMETERS}, suffix=request.suffix,
         metadata_=dict(request.metadata), created_at=now_utc(), predicted_memory=prediction,
+        gpus=request.gpus or prediction.get("gpus") or 1,
     )
     session.add(job)
     session.flush()
@@ -467,7 +472,8 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
         elif kind == "val":
             session.add(MetricPoint(job_id=job_id, step=step, kind="val", loss=payload["loss"], created_at=now))
         elif kind == "memory":
-            session.add(MemorySample(job_id=job_id, step=step, rank=rank, device=str(payload.get("device")),
+            session.add(MemorySample(job_id=job_id, step=step, rank=int(payload.get("rank", rank)),
+                                     device=str(payload.get("device")),
                                      source=str(payload.get("source")),
                                      **{k: int(payload.get(k, 0)) for k in _MEMORY_FIELDS}))
         elif kind == "checkpoint":

@@ -42,6 +42,53 @@ class PipeSink:
         pass
 
 
+def _run_ranks(config: Any, sink: PipeSink) -> int:
+    """Several ranks (``lomo_core.zero3.launch``): rank 0 writes metrics.jsonl, which is followed here
+    and passed on line by line; SIGTERM stops the ranks (torch.distributed.run ends them all)."""
+    import threading
+    import time
+
+    from lomo_core.zero3.launch import LaunchError, launch
+
+    metrics = config.output_dir / "metrics.jsonl"
+    start = metrics.stat().st_size if metrics.is_file() else 0
+    finished = threading.Event()
+
+    def follow() -> None:
+        position, partial = start, b""
+        while True:
+            done = finished.is_set()
+            if metrics.is_file():
+                with metrics.open("rb") as f:
+                    f.seek(position)
+                    chunk = f.read()
+                position += len(chunk)
+                *lines, partial = (partial + chunk).split(b"\n")
+                for line in lines:
+                    record = json.loads(line)
+                    sink.emit(record.pop("kind"), int(record.pop("step")), record)
+            if done:
+                return
+            time.sleep(0.2)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        summary = launch(config)
+    except LaunchError as error:
+        finished.set()
+        follower.join()
+        sink.emit("error", 0, {"code": error.code, "message": str(error), "field": error.field})
+        return 1
+    finished.set()
+    follower.join()
+    sink.emit("done", summary["steps"], {
+        "model_dir": summary.get("model_dir"), "steps": summary["steps"], "val_loss": summary.get("val_loss"),
+        "trained_tokens": summary.get("trained_tokens"), "seconds": summary.get("seconds"),
+    })
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config", help="JSON file of TrainConfig values")
@@ -61,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with open(args.config, encoding="utf-8") as f:
             config = load_config(json.load(f))
+        if config.nproc > 1:
+            return _run_ranks(config, sink)
         result = train(config, sinks=[sink])
         sink.emit("done", result.steps, {
             "model_dir": str(result.model_dir) if result.model_dir else None, "steps": result.steps,

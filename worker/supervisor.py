@@ -102,7 +102,7 @@ class JobRunner:
                                            f"file {file_id} is gone from {path.parent}", param)
                 paths[param], names[str(path)] = path, file_id
             values = service.train_config_values(settings, job_id, model, job.method, job.hyperparameters,
-                                                 paths["training_file"], paths["validation_file"])
+                                                 paths["training_file"], paths["validation_file"], gpus=job.gpus)
         output_dir = Path(values["output_dir"])
         output_dir.mkdir(parents=True, exist_ok=True)
         config_path = output_dir / "job-config.json"

@@ -148,6 +148,8 @@ def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
     ({"suffix": "has space"}, "suffix", "pattern"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16"),
     ({"unknown": 1}, "unknown", "not permitted"),
+    ({"method": "sgd", "gpus": 2}, "gpus", "lomo or adalomo"),
+    ({"gpus": 0}, "gpus", "greater than or equal to 1"),
 ])
 def test_bad_job_requests_are_422_naming_the_field(client, tiny_model_dir, file_id, fields, param, needle):
     body = {"model": str(tiny_model_dir), "training_file": file_id, **fields}
@@ -287,6 +289,9 @@ def test_jobs_store_their_prediction_and_a_pinned_count_is_warned(gpu_node):
     assert job["predicted_memory"]["gpus"] == 2 and job["predicted_memory"]["fits"] is True
     memory = client.get(f"/v1/fine_tuning/jobs/{job['id']}/memory").json()
     assert memory["predicted"]["per_device"]["peak_bytes"] == job["predicted_memory"]["per_device"]["peak_bytes"]
+    assert job["gpus"] == 2  # the count the memory model chose
+    too_many = error_of(create(client, "llama-13b", file_id, hyperparameters=PAPER, gpus=16), 422)
+    assert too_many["param"] == "gpus" and "has 8" in too_many["message"]
     pinned = create(client, "llama-13b", file_id, hyperparameters=PAPER, gpus=1).json()
     assert pinned["status"] == "queued" and pinned["predicted_memory"]["fits"] is False
     events = client.get(f"/v1/fine_tuning/jobs/{pinned['id']}/events").json()["data"]

@@ -29,7 +29,7 @@ def env(tmp_path):
     return settings, database(url)
 
 
-def submit(settings, db, model, data_path=None, content=None, **hyper) -> str:
+def submit(settings, db, model, data_path=None, content=None, gpus=None, **hyper) -> str:
     upload = settings.data_dir / "up.part"
     upload.parent.mkdir(parents=True, exist_ok=True)
     if data_path is not None:
@@ -40,7 +40,7 @@ def submit(settings, db, model, data_path=None, content=None, **hyper) -> str:
     with db.session() as s:
         row = service.store_file(s, settings, "ann", name, "fine-tune", upload)
         job = service.create_job(s, settings, "ann", JobCreate(model=str(model), training_file=row.id,
-                                                               hyperparameters=hyper))
+                                                               hyperparameters=hyper, gpus=gpus))
     return job.id
 
 
@@ -153,3 +153,22 @@ def test_a_child_killed_by_the_system_fails_the_job_with_the_likely_cause(env, t
     job = job_row(db, job_id)
     assert job.error_code == "process_killed" and "SIGKILL" in job.error_message
     assert "out of memory" in job.error_message and job.step == 3
+
+
+def test_a_job_on_two_ranks_runs_through_the_launcher_and_stores_each_ranks_memory(env):
+    settings, db = env
+    job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), gpus=2, max_steps=4, batch_size=4,
+                    max_seq_len=64, lr=5e-3, validation_split=0.02, save_every=2)
+    assert JobRunner(settings, db).run(job_id) == "succeeded"
+    job = job_row(db, job_id)
+    assert (job.gpus, job.step, job.total_steps) == (2, 4, 4) and job.trained_tokens > 0
+    assert (settings.data_dir / "jobs" / job_id / "model" / "model.safetensors").is_file()
+    with db.session() as s:
+        ranks = sorted({m.rank for m in s.query(MemorySample).filter_by(job_id=job_id)})
+        assert ranks == [0, 1]
+        assert [p.step for p in s.query(MetricPoint).filter_by(job_id=job_id, kind="train")
+                .order_by(MetricPoint.step)] == [1, 2, 3, 4]
+        assert [c.step for c in s.query(Checkpoint).filter_by(job_id=job_id).order_by(Checkpoint.step)] == [2, 4]
+        summary = service.memory_summary(s, "ann", job_id)
+    assert [m["rank"] for m in summary["measured"]] == [0, 1]
+    assert summary["predicted"]["available"] is True

@@ -372,6 +372,17 @@ def claim_job(session: Session, job_id: str, worker: str) -> bool:
     return done == 1
 
 
+def requeue(session: Session, job_id: str, why: str) -> bool:
+    """``running -> queued`` for a claimed job that cannot start yet (not enough free devices)."""
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+        .values(claimed_by=None, **transition_values(JobStatus.RUNNING, JobStatus.QUEUED))
+    ).rowcount
+    if done:
+        add_event(session, job_id, why)
+    return done == 1
+
+
 def queued_job_ids(session: Session) -> list[str]:
     return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.created_at)))
 

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     flush_interval_s: float = 1.0
     #: a cancelled training process gets this long to stop at a step boundary before it is killed
     cancel_grace_s: float = 30.0
-    #: the name this worker claims jobs under
+    #: a job waiting for free GPUs is sent to the queue again after this many seconds
+    requeue_delay_s: float = 15.0
+    #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication
     default_user: str = "local"

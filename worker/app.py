@@ -12,7 +12,7 @@ import logging
 
 from celery.signals import worker_init, worker_ready
 
-from jobs import service
+from jobs import leases, service
 from jobs.db import database
 from jobs.queue import RUN_JOB, enqueue, make_celery
 from jobs.settings import get_settings
@@ -41,7 +41,10 @@ def _migrate(**_kwargs) -> None:
 @worker_ready.connect
 def _resend_queued(**_kwargs) -> None:
     with database(settings.resolved_database_url()).session() as session:
+        returned = leases.release_orphans(session, settings.worker_name)
         queued = service.queued_job_ids(session)
+    if returned:
+        log.info("released the GPUs of ended job(s) %s", ", ".join(returned))
     for job_id in queued:
         enqueue(settings, job_id)
     if queued:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs import service
+from jobs import leases, service
 from jobs.db import Database, database
 from jobs.models import File, Job
 from jobs.settings import Settings
@@ -61,20 +61,49 @@ class JobRunner:
                 return "skipped"
             job = session.get(Job, job_id)
             service.add_event(session, job_id, f"started by worker {worker} (attempt {job.attempt})")
+        devices = self._lease(job_id, job.gpus or 1)
+        if devices is False:
+            return "queued"
         try:
             prepared = self._prepare(job_id)
             if isinstance(prepared, service.Outcome):
                 outcome = prepared
             else:
                 config_path, output_dir, names = prepared
-                report = self.supervise(job_id, config_path, output_dir)
+                report = self.supervise(job_id, config_path, output_dir, devices)
                 outcome = self._outcome(job_id, report, output_dir, names)
         except Exception as e:  # a bug of ours: the job still ends, with what happened
             log.exception("job %s: the worker failed", job_id)
             outcome = service.Outcome(JobStatus.FAILED, "internal_error", f"the worker failed: {type(e).__name__}: {e}")
+        finally:
+            with self.db.session() as session:
+                leases.release(session, job_id)
         with self.db.session() as session:
             service.finish_job(session, job_id, outcome)
         return outcome.status.value
+
+    def _lease(self, job_id: str, count: int) -> list[int] | None | bool:
+        """The GPUs of this node leased to the job (None on a CPU node); False when too few are free:
+        the job then goes back to the queue and is sent again after ``requeue_delay_s``."""
+        kind, total, _bytes = self.settings.device_inventory()
+        if kind != "cuda":
+            return None
+        chosen = leases.acquire(self.db.sessions, self.settings.worker_name, list(range(total)), job_id, count)
+        if chosen is not None:
+            with self.db.session() as session:
+                service.add_event(session, job_id, f"GPUs {chosen} of {self.settings.worker_name} leased")
+            return chosen
+        with self.db.session() as session:
+            busy = len(leases.leased_devices(session, self.settings.worker_name))
+            service.requeue(session, job_id, f"waiting: {count} GPU(s) needed, {total - busy} of {total} free on "
+                                             f"{self.settings.worker_name}")
+        from jobs.queue import enqueue
+
+        try:
+            enqueue(self.settings, job_id, countdown=self.settings.requeue_delay_s)
+        except Exception as e:  # the job is queued in the database: a starting worker re-sends it
+            log.warning("could not re-send %s: %s", job_id, e)
+        return False
 
     # ------------------------------------------------------------------------------------------ prepare
     def _prepare(self, job_id: str) -> service.Outcome | tuple[Path, Path, dict[str, str]]:
@@ -111,11 +140,15 @@ class JobRunner:
         return config_path, output_dir, names
 
     # ------------------------------------------------------------------------------------------ supervise
-    def supervise(self, job_id: str, config_path: Path, output_dir: Path) -> ChildReport:
-        """Start the child, turn its lines into rows every ``flush_interval_s``, stop it when cancelled."""
+    def supervise(self, job_id: str, config_path: Path, output_dir: Path,
+                  devices: list[int] | None = None) -> ChildReport:
+        """Start the child, turn its lines into rows every ``flush_interval_s``, stop it when cancelled.
+        With ``devices``, the child sees only those GPUs (``CUDA_VISIBLE_DEVICES``)."""
         settings = self.settings
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in devices)
         with (output_dir / LOG_FILE).open("ab") as log_file:
             child = subprocess.Popen(
                 [*self.command, str(config_path), "--fd", str(write_fd)], pass_fds=(write_fd,),

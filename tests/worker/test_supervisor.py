@@ -111,6 +111,10 @@ def emit(kind, step, payload):
     os.write(fd, (json.dumps({"kind": kind, "step": step, "payload": payload}) + "\\n").encode())
 emit("start", 0, {"total_steps": 1000, "step": 0})
 MODE = sys.argv[1]
+if MODE == "report-devices":  # says which GPUs it was given, as if that were its model folder
+    emit("train", 1, {"loss": 1.0, "lr": 0.1, "tokens": 1, "tokens_per_s": 1.0})
+    emit("done", 1, {"model_dir": os.environ.get("CUDA_VISIBLE_DEVICES", "none"), "steps": 1})
+    sys.exit(0)
 if MODE == "ignore-term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 for step in range(1, 1000):
@@ -172,3 +176,30 @@ def test_a_job_on_two_ranks_runs_through_the_launcher_and_stores_each_ranks_memo
         summary = service.memory_summary(s, "ann", job_id)
     assert [m["rank"] for m in summary["measured"]] == [0, 1]
     assert summary["predicted"]["available"] is True
+
+
+def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(env, tmp_path, tiny_model_dir):
+    from jobs import leases
+
+    settings, db = env
+    settings = settings.model_copy(update={"gpu_memory_gib": [24.0, 24.0, 24.0], "requeue_delay_s": 60})
+    first = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n', gpus=2)
+    second = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n', gpus=2)
+    # the first job holds GPUs 0 and 1 (as if it were running on another worker)
+    with db.session() as s:
+        assert service.claim_job(s, first, "elsewhere")
+    assert leases.acquire(db.sessions, settings.worker_name, [0, 1, 2], first, 2) == [0, 1]
+    runner = stub_runner(settings, db, tmp_path, "report-devices")
+    assert runner.run(second) == "queued"  # 1 of 3 free: it waits, back in the queue
+    job = job_row(db, second)
+    assert job.status == "queued" and job.attempt == 1
+    with db.session() as s:
+        events, _ = service.list_events(s, "ann", second, limit=100)
+    assert any("waiting: 2 GPU(s) needed, 1 of 3 free" in e.message for e in events)
+    with db.session() as s:
+        leases.release(s, first)
+    assert runner.run(second) == "succeeded"  # now it starts, on the GPUs it was leased
+    job = job_row(db, second)
+    assert job.fine_tuned_model == "0,1" and job.attempt == 2
+    with db.session() as s:
+        assert leases.leased_devices(s, settings.worker_name) == {}  # given back at the end

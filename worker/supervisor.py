@@ -232,9 +232,24 @@ class JobRunner:
             for path, file_id in names.items():  # name the uploaded file, not where the node keeps it
                 message = message.replace(path, f"file {file_id}")
             field_name = final.get("field")
-            return service.Outcome(JobStatus.FAILED, final.get("code", "training_failed"), message,
+            code = final.get("code", "training_failed")
+            if code == "out_of_memory":
+                message += self._memory_figures(job_id)
+            return service.Outcome(JobStatus.FAILED, code, message,
                                    service.param_for_field(field_name) if field_name else None)
-        return service.Outcome(JobStatus.FAILED, *_died(report.returncode, output_dir / LOG_FILE))
+        code, message = _died(report.returncode, output_dir / LOG_FILE)
+        if code == "process_killed" and report.returncode == -signal.SIGKILL:
+            message += self._memory_figures(job_id)
+        return service.Outcome(JobStatus.FAILED, code, message)
+
+    def _memory_figures(self, job_id: str) -> str:
+        """What the memory model predicted and what the device has, for an out-of-memory failure."""
+        with self.db.session() as session:
+            predicted = session.get(Job, job_id).predicted_memory or {}
+        if not predicted.get("available"):
+            return ""
+        return (f" (predicted peak {predicted['per_device_gib']} GiB per device on {predicted.get('gpus') or 1} "
+                f"{predicted['device']} device(s) of {predicted['device_bytes'] / 1024**3:.2f} GiB each)")
 
     def _record_validation(self, job_id: str, report: ChildReport) -> None:
         """The validation loss before (step 0) and after training, stored as the job's first evaluation."""

@@ -115,6 +115,10 @@ if MODE == "report-devices":  # says which GPUs it was given, as if that were it
     emit("train", 1, {"loss": 1.0, "lr": 0.1, "tokens": 1, "tokens_per_s": 1.0})
     emit("done", 1, {"model_dir": os.environ.get("CUDA_VISIBLE_DEVICES", "none"), "steps": 1})
     sys.exit(0)
+if MODE == "oom":
+    emit("error", 0, {"code": "out_of_memory", "message": "out of GPU memory: CUDA out of memory; lower batch_size",
+                      "field": None})
+    sys.exit(1)
 if MODE == "ignore-term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 for step in range(1, 1000):
@@ -203,3 +207,17 @@ def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(e
     assert job.fine_tuned_model == "0,1" and job.attempt == 2
     with db.session() as s:
         assert leases.leased_devices(s, settings.worker_name) == {}  # given back at the end
+
+
+def test_out_of_memory_fails_with_the_prediction_and_the_device_and_frees_the_gpus(env, tmp_path, tiny_model_dir):
+    from jobs import leases
+
+    settings, db = env
+    settings = settings.model_copy(update={"gpu_memory_gib": [24.0, 24.0]})
+    job_id = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n')
+    assert stub_runner(settings, db, tmp_path, "oom").run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert job.error_code == "out_of_memory" and "lower batch_size" in job.error_message
+    assert "GiB per device on 1 cuda device(s) of 24.00 GiB each" in job.error_message
+    with db.session() as s:
+        assert leases.leased_devices(s, settings.worker_name) == {}

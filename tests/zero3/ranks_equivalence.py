@@ -30,6 +30,9 @@ CASES = {
         "enabled": True, "init_scale": 2.0**125, "scale_factor": 2.0**40, "scale_window": 1000}}),
     # non-reentrant activation checkpointing of the ZeRO-3 model only
     "lomo_checkpointing": ("llama", LOMO, {"lr": 0.05, "clip_grad_norm": 0.5}),
+    # bf16 parameters (DeepSpeed's bf16 flag), the update in fp32 arithmetic
+    "lomo_bf16": ("llama", LOMO, {"lr": 0.05, "clip_grad_norm": 0.5}),
+    "adalomo_bf16": ("gpt2", AdaLomo, {"lr": 0.01}),
 }
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
     "stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -63,10 +66,12 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name, (arch, opt_cls, kwargs) in CASES.items():
-        reference = build(arch)
-        with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
+        bf16 = name.endswith("_bf16")
+        config = {**DS_CONFIG, "bf16": {"enabled": True}} if bf16 else DS_CONFIG
+        reference = build(arch).to(torch.bfloat16) if bf16 else build(arch)
+        with deepspeed.zero.Init(config_dict_or_path=config):  # the dtype comes from the config
             model = build(arch)
-        engine, *_ = deepspeed.initialize(model=model, config=DS_CONFIG)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0), torch.no_grad():
             if rank == 0:  # start from exactly the reference's weights
                 for pname, p in model.named_parameters():
@@ -86,9 +91,11 @@ def main() -> None:
         for pname, p in model.named_parameters():
             part = Partition.of(p, rank)  # frozen parameters too: they must not have moved
             expected = full[pname].reshape(-1)[part.start:part.start + part.valid]
-            worst = max(worst, (p.ds_tensor[: part.valid] - expected).abs().max().item())
-            scale = max(scale, expected.abs().max().item())
-        moved = max((full[n] - v).abs().max().item() for n, v in build(arch).state_dict().items())
+            assert p.ds_tensor.dtype == expected.dtype, (pname, p.ds_tensor.dtype, expected.dtype)
+            worst = max(worst, (p.ds_tensor[: part.valid].float() - expected.float()).abs().max().item())
+            scale = max(scale, expected.float().abs().max().item())
+        start = build(arch).to(torch.bfloat16) if bf16 else build(arch)
+        moved = max((full[n].float() - v.float()).abs().max().item() for n, v in start.state_dict().items())
         stats = torch.tensor([worst, scale, moved])
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         padded_grad_bytes = sum(part.size * world * 4 for part in sharded_opt.partitions.values())

@@ -32,14 +32,17 @@ def equivalence(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["lomo", "lomo_clip_norm", "lomo_clip_value_wd", "adalomo", "adalomo_clip_norm",
-                                  "lomo_overflow", "lomo_checkpointing"])
+                                  "lomo_overflow", "lomo_checkpointing", "lomo_bf16", "adalomo_bf16"])
 def test_two_ranks_equal_one_process(equivalence, case):
     result = equivalence[case]
     assert result["skipped"] == result["reference_skipped"]
     if case == "lomo_overflow":
         assert 0 < result["skipped"] < result["steps"]  # some steps skipped on every rank, then training
     assert result["moved"] > 1e-3  # the parameters did change
-    assert result["max_diff"] <= 1e-6 * max(1.0, result["max_abs"]), result  # float32 rounding
+    # float32 rounding; in bf16 the gradients are summed in bf16 across ranks and an update computed in fp32
+    # may round to the neighbouring bf16 value: a few bf16 steps (2^-8 relative) at most
+    tolerance = 2.0**-6 if case.endswith("_bf16") else 1e-6
+    assert result["max_diff"] <= tolerance * max(1.0, result["max_abs"]), result
     if "clip_norm" in case:  # every rank clipped with the norm of the whole gradient
         assert result["grad_norm"] == pytest.approx(result["reference_grad_norm"], rel=1e-5)
 

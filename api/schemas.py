@@ -99,6 +99,7 @@ class JobObject(BaseModel):
     attempt: int
     predicted_memory: dict[str, Any] | None
     gpus: int
+    priority: int
 
     @classmethod
     def of(cls, job: Job) -> JobObject:
@@ -115,7 +116,7 @@ class JobObject(BaseModel):
                               fraction=round((job.step or 0) / total, 4) if total else None),
             estimated_finish=unix(job.estimated_finish), error=error, result_files=job.result_files or [],
             metadata=job.metadata_ or {}, cancel_requested=bool(job.cancel_requested), attempt=job.attempt or 0,
-            predicted_memory=job.predicted_memory, gpus=job.gpus or 1,
+            predicted_memory=job.predicted_memory, gpus=job.gpus or 1, priority=job.priority or 0,
         )
 
 

@@ -45,7 +45,8 @@ class File(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_owner_created", "owner_id", "created_at"),)
+    __table_args__ = (Index("ix_jobs_owner_created", "owner_id", "created_at"),
+                      Index("ix_jobs_queue_order", "status", "priority", "created_at"))
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
@@ -72,6 +73,8 @@ class Job(Base):
     predicted_memory: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: devices the job trains on: GPUs (ZeRO-3 over several), or CPU ranks on a CPU node
     gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    #: higher runs first; first come, first served within a priority
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Claim and liveness: which worker runs the job, since when it was last heard of, which attempt.
     claimed_by: Mapped[str | None] = mapped_column(String(200))

@@ -54,6 +54,8 @@ class JobCreate(BaseModel):
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
                                description="added to the name of the fine-tuned model")
     metadata: dict[str, str] = Field(default_factory=dict, description="up to 16 key/value pairs, for filtering")
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first; first come, first served within "
+                                                           "a priority")
     gpus: int | None = Field(None, ge=1, le=64, description="pin the number of GPUs (default: the fewest that "
                                                              "hold the job, from the memory model)")
 

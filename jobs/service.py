@@ -298,7 +298,7 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
         training_file_id=train.id, validation_file_id=val.id if val else None, method=request.method,
         hyperparameters={name: resolved[name] for name in HYPERPARAMETERS}, suffix=request.suffix,
         metadata_=dict(request.metadata), created_at=now_utc(), predicted_memory=prediction,
-        gpus=request.gpus or prediction.get("gpus") or 1,
+        gpus=request.gpus or prediction.get("gpus") or 1, priority=request.priority,
     )
     session.add(job)
     session.flush()
@@ -384,7 +384,9 @@ def requeue(session: Session, job_id: str, why: str) -> bool:
 
 
 def queued_job_ids(session: Session) -> list[str]:
-    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value).order_by(Job.created_at)))
+    """The queue in the order jobs start: higher priority first, first come first within a priority."""
+    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value)
+                                .order_by(Job.priority.desc(), Job.created_at, Job.id)))
 
 
 def add_event(session: Session, job_id: str, message: str, level: str = "info", data: dict | None = None) -> None:

@@ -52,13 +52,21 @@ class JobRunner:
 
     # ------------------------------------------------------------------------------------------ entry
     def run(self, job_id: str) -> str:
-        """Run ``job_id`` if this call wins its claim; returns the final status, or "skipped"."""
+        """Run the first job of the queue (highest priority, then oldest) that this call can claim.
+
+        A task message is a wake-up: ``job_id`` is the job it was sent for, but whichever queued job
+        comes first runs. Every job sends one message when it is created and one each time it goes back
+        to the queue, so there are never fewer messages than queued jobs and each is picked in turn; a
+        duplicated message finds its job claimed already and nothing else to do. Returns the final
+        status of the job that ran, "queued" if it had to wait for GPUs, or "skipped".
+        """
         worker = f"{self.settings.worker_name}:{os.getpid()}"
         with self.db.session() as session:
-            if not service.claim_job(session, job_id, worker):
-                job = session.get(Job, job_id)
-                log.info("job %s not claimed (status %s): nothing to do", job_id, job.status if job else "missing")
+            claimed = next((j for j in service.queued_job_ids(session) if service.claim_job(session, j, worker)), None)
+            if claimed is None:
+                log.info("message for %s: no queued job to run", job_id)
                 return "skipped"
+            job_id = claimed
             job = session.get(Job, job_id)
             service.add_event(session, job_id, f"started by worker {worker} (attempt {job.attempt})")
         devices = self._lease(job_id, job.gpus or 1)

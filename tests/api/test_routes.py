@@ -123,7 +123,7 @@ def test_create_job_returns_the_resolved_job(client, tiny_model_dir, file_id):
     assert job["status"] == "queued" and job["method"] == "adalomo" and job["training_file"] == file_id
     assert job["hyperparameters"]["lr"] == 0.01 and job["hyperparameters"]["dtype"] == "bf16"
     assert job["hyperparameters"]["batch_size"] == 4  # defaults are filled in and shown
-    assert job["metadata"] == {"team": "nlp"} and job["suffix"] == "v1"
+    assert job["metadata"] == {"team": "nlp"} and job["suffix"] == "v1" and job["priority"] == 0
     assert job["progress"] == {"step": 0, "total_steps": None, "fraction": None} and job["error"] is None
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
@@ -150,6 +150,7 @@ def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
     ({"unknown": 1}, "unknown", "not permitted"),
     ({"method": "sgd", "gpus": 2}, "gpus", "lomo or adalomo"),
     ({"gpus": 0}, "gpus", "greater than or equal to 1"),
+    ({"priority": 101}, "priority", "less than or equal to 100"),
 ])
 def test_bad_job_requests_are_422_naming_the_field(client, tiny_model_dir, file_id, fields, param, needle):
     body = {"model": str(tiny_model_dir), "training_file": file_id, **fields}

@@ -29,7 +29,7 @@ def env(tmp_path):
     return settings, database(url)
 
 
-def submit(settings, db, model, data_path=None, content=None, gpus=None, **hyper) -> str:
+def submit(settings, db, model, data_path=None, content=None, gpus=None, priority=0, **hyper) -> str:
     upload = settings.data_dir / "up.part"
     upload.parent.mkdir(parents=True, exist_ok=True)
     if data_path is not None:
@@ -40,7 +40,8 @@ def submit(settings, db, model, data_path=None, content=None, gpus=None, **hyper
     with db.session() as s:
         row = service.store_file(s, settings, "ann", name, "fine-tune", upload)
         job = service.create_job(s, settings, "ann", JobCreate(model=str(model), training_file=row.id,
-                                                               hyperparameters=hyper, gpus=gpus))
+                                                               hyperparameters=hyper, gpus=gpus,
+                                                               priority=priority))
     return job.id
 
 
@@ -221,3 +222,17 @@ def test_out_of_memory_fails_with_the_prediction_and_the_device_and_frees_the_gp
     assert "GiB per device on 1 cuda device(s) of 24.00 GiB each" in job.error_message
     with db.session() as s:
         assert leases.leased_devices(s, settings.worker_name) == {}
+
+
+def test_the_queue_runs_higher_priority_first_then_first_come(env, tmp_path, tiny_model_dir):
+    settings, db = env
+    row = '{"prompt": "a", "response": "b"}\n'
+    low = submit(settings, db, tiny_model_dir, content=row, priority=0)
+    high_first = submit(settings, db, tiny_model_dir, content=row, priority=5)
+    high_second = submit(settings, db, tiny_model_dir, content=row, priority=5)
+    runner = stub_runner(settings, db, tmp_path, "report-devices")
+    # every message is the low job's: the queue's order decides what runs
+    assert [runner.run(low) for _ in range(4)] == ["succeeded", "succeeded", "succeeded", "skipped"]
+    started = sorted((job_row(db, j).started_at, j) for j in (low, high_first, high_second))
+    assert [j for _, j in started] == [high_first, high_second, low]
+    assert all(job_row(db, j).attempt == 1 for j in (low, high_first, high_second))

@@ -105,12 +105,17 @@ def show(client: LomoClient, job: dict) -> None:
     console.print(table)
     console.print("validation loss: " + ", ".join(f"step {r['step']}: {r['loss']:.4f}" for r in val))
 
-    memory = client.memory(job_id)["measured"][0]
-    mem = Table(title=f"measured memory (/memory), rank {memory['rank']}")
+    report = client.memory(job_id)
+    memory = report["measured"][0]
+    predicted = (report.get("predicted") or {}).get("per_device") or {}
+    mem = Table(title=f"memory (/memory), rank {memory['rank']}")
     mem.add_column("part")
-    mem.add_column("MiB", justify="right")
+    mem.add_column("measured MiB", justify="right")
+    mem.add_column("predicted MiB", justify="right")
     for key in ("parameters", "gradients", "optimizer_state", "activations", "other", "peak"):
-        mem.add_row(key.replace("_", " "), f"{memory[key + '_bytes'] / 2**20:.2f}")
+        guess = predicted.get(key + "_bytes")
+        mem.add_row(key.replace("_", " "), f"{memory[key + '_bytes'] / 2**20:.2f}",
+                    f"{guess / 2**20:.2f}" if guess is not None else "-")
     console.print(mem)
 
     evals = Table(title="evaluation (/evals)")

@@ -140,6 +140,24 @@ def train(
     out.print(f"output: {result.output_dir}")
 
 
+def _settings():
+    """The service settings, or a clear error naming the LOMO_* variable that is wrong."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from jobs.settings import get_settings
+
+    try:
+        return get_settings()
+    except SettingsError as e:  # a value that is not even parseable (e.g. bad JSON for a list)
+        field = str(e).split('"')[1] if '"' in str(e) else "?"
+        _fail([f"LOMO_{field.upper()}: cannot read this value ({e.__cause__ or e})",
+               "lists are JSON, e.g. LOMO_GPU_MEMORY_GIB='[24, 24]'"])
+    except ValidationError as e:
+        _fail(["invalid service settings"] + [f"LOMO_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                                             for err in e.errors()])
+
+
 def _stop_with_parent() -> None:
     """In a child: receive SIGTERM when the parent dies, however it dies (uvicorn re-raises the signal
     that stopped it, so the parent's own clean-up may never run)."""
@@ -167,9 +185,8 @@ def serve(
 
     from api.app import create_app
     from jobs.migrate import upgrade
-    from jobs.settings import get_settings
 
-    settings = get_settings()
+    settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         if settings.auto_migrate:
@@ -200,10 +217,9 @@ def worker(
     loglevel: str = typer.Option("info", help="debug | info | warning | error"),
 ) -> None:
     """Start a Celery worker that runs fine-tuning jobs (reads LOMO_DATABASE_URL / LOMO_BROKER_URL)."""
-    from jobs.settings import get_settings
+    settings = _settings()
     from worker.app import celery_app
 
-    settings = get_settings()
     celery_app.worker_main([
         "worker", "--concurrency", str(concurrency), "--queues", settings.queue, "--loglevel", loglevel,
         "--hostname", f"lomo@{settings.worker_name}", "--without-gossip", "--without-mingle",

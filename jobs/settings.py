@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,21 +28,21 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
 
     #: uploads larger than this are refused
-    max_upload_bytes: int = 1 << 30
+    max_upload_bytes: int = Field(1 << 30, gt=0)
     #: a training example longer than this (in characters) is refused at upload
-    max_example_chars: int = 1_000_000
+    max_example_chars: int = Field(1_000_000, gt=0)
 
     #: memory of each GPU of a node, in GiB (declared; e.g. [24, 24, 24, 24, 24, 24, 24, 24]); empty: a CPU
     #: node, where a job gets the host's memory
-    gpu_memory_gib: list[float] = Field(default_factory=list)
+    gpu_memory_gib: list[PositiveFloat] = Field(default_factory=list)
     #: the device training runs on (the GPU scheduler will pick devices per job)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: the worker writes metrics to the database at most this often (seconds)
-    flush_interval_s: float = 1.0
+    flush_interval_s: float = Field(1.0, gt=0)
     #: a cancelled training process gets this long to stop at a step boundary before it is killed
-    cancel_grace_s: float = 30.0
+    cancel_grace_s: float = Field(30.0, ge=0)
     #: a job waiting for free GPUs is sent to the queue again after this many seconds
-    requeue_delay_s: float = 15.0
+    requeue_delay_s: float = Field(15.0, ge=0)
     #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication

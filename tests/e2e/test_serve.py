@@ -66,3 +66,19 @@ def test_serve_runs_a_job_with_zero_configuration(tmp_path):
             break
         time.sleep(0.5)
     assert leftover == [], f"processes left behind: {leftover}"
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("LOMO_GPU_MEMORY_GIB", "abc", "LOMO_GPU_MEMORY_GIB: cannot read this value"),
+    ("LOMO_GPU_MEMORY_GIB", "[24, -1]", "LOMO_GPU_MEMORY_GIB_1: Input should be greater than 0"),
+    ("LOMO_FLUSH_INTERVAL_S", "soon", "LOMO_FLUSH_INTERVAL_S: Input should be a valid number"),
+])
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_bad_settings_stop_the_service_with_the_variable_named(tmp_path, command, name, value, needle):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOMO_")}
+    env.update({name: value, "LOMO_DATA_DIR": str(tmp_path / "var")})
+    done = subprocess.run([sys.executable, "-m", "client.cli", command], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert needle in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr

@@ -71,6 +71,7 @@ class Run:
     ranks: Ranks = field(default_factory=Ranks)
     engine: Any = None  # the DeepSpeed engine when the model is ZeRO-3 partitioned
     collectives: CollectiveCounter | None = None
+    last_loss: float | None = None  # the whole batch's loss of the last forward (set by _checked_loss)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of a global batch; with several ranks, of this rank's rows, weighted so that the
@@ -179,7 +180,8 @@ def setup(config: TrainConfig) -> Run:
         raise TrainingError(f"nproc={config.nproc} but {ranks.world} rank(s) were started: launch with "
                             "`lomo train --nproc N` (torch.distributed.run)", code="launch_mismatch")
     if config.resume_from is not None:
-        saved_world = torch.load(config.resume_from / STATE_FILE, map_location="cpu", weights_only=True).get("world", 1)
+        saved = torch.load(config.resume_from / STATE_FILE, map_location="cpu", weights_only=True)
+        saved_world = saved.get("world", 1)
         if saved_world != ranks.world:
             raise TrainingError(f"{config.resume_from} was written by {saved_world} rank(s); resume it with "
                                 f"nproc={saved_world}", code="invalid_checkpoint")
@@ -226,7 +228,7 @@ def setup(config: TrainConfig) -> Run:
                              "of its last hidden state, so the chunked loss would differ; using its own loss")
         model.train()
     if config.resume_from is not None:
-        _restore(run, config.resume_from)
+        _restore(run, config.resume_from, saved)
     return run
 
 
@@ -249,7 +251,9 @@ def lr_at(config: TrainConfig, step: int, total: int) -> float:
 
 def _checked_loss(run: Run, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
     loss = run.loss(batch)
-    value = run.global_value(loss.item()) if run.ranks.distributed else loss.detach()  # every rank decides alike
+    # with several ranks, the whole batch's loss (one all-reduce): every rank decides alike
+    value = run.global_value(loss.item()) if run.ranks.distributed else loss.item()
+    run.last_loss = value
     if not math.isfinite(float(value)):
         raise TrainingError(
             f"the loss became {float(value)} at step {step + 1}: lower lr, enable clip_grad_norm, "
@@ -269,7 +273,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float) -> tuple[flo
         skipped_before = optimizer.skipped_steps
         loss = optimizer.step(lambda: _checked_loss(run, batch, step))
         grad_norm = optimizer.last_grad_norm if optimizer.needs_norm_pass else None
-        return run.global_value(loss.item()), grad_norm, optimizer.skipped_steps == skipped_before
+        return run.last_loss, grad_norm, optimizer.skipped_steps == skipped_before
     optimizer.zero_grad(set_to_none=True)
     loss = _checked_loss(run, batch, step)
     loss.backward()
@@ -372,8 +376,8 @@ def _save_partitioned(run: Run) -> Path:
     return final
 
 
-def _restore(run: Run, folder: Path) -> None:
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+def _restore(run: Run, folder: Path, state: dict[str, Any]) -> None:
+    """Continue from ``folder``, whose trainer state setup has already read (``state``)."""
     if run.ranks.distributed:
         from lomo_core.zero3.runtime import load_partition_state
 

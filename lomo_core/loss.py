@@ -11,14 +11,32 @@ buffer.
 The value equals ``model(**batch).loss`` of Hugging Face's causal LMs (mean over labelled tokens,
 labels shifted by one) up to summation order; :func:`supports_chunked_loss` checks that on a real
 batch, since some models scale or soft-cap their logits.
+
+Under DeepSpeed ZeRO-3 the output layer's weight is partitioned, and DeepSpeed only gathers a
+parameter around its own module's forward and backward. This loss reads the weight outside the
+module, so it gathers it itself: once for the forward, once again for the backward, as the module
+hooks would (the all-gathers are the same two a plain ``lm_head`` call costs). The weight's gradient
+leaves the backward full-size, where the optimizer's hook reduce-scatters it like any other.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+def _gathered(*params: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """Full copies of ZeRO-3 partitioned ``params`` for the duration of the block (read only)."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -41,6 +59,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # type: ignore[override]
         hidden, weight, bias, targets = ctx.saved_tensors
+        with _gathered(weight, bias):
+            return _ChunkedLinearCrossEntropy._backward(ctx, grad_total, hidden, weight, bias, targets)
+
+    @staticmethod
+    def _backward(ctx, grad_total, hidden, weight, bias, targets):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
@@ -61,7 +84,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int,
+                           num_items_in_batch: float | None = None) -> torch.Tensor:
+    """The mean over labelled tokens of the next-token cross-entropy, or the sum divided by
+    ``num_items_in_batch`` when given (a rank's share of a global batch, as Hugging Face's models take it).
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model.base_model(**inputs).last_hidden_state
@@ -70,10 +97,12 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor
     targets = labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
-    count = targets.numel()
-    if count == 0:
-        return hidden.sum() * 0.0  # keeps the graph (and the parameters' hooks) consistent
-    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_size) / count
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+    # With no labelled token the function still runs (on zero rows): every parameter stays in the graph
+    # and gets its (zero) gradient, so the optimizer's hooks, and their collectives, run on every rank.
+    with _gathered(head.weight, head.bias):
+        total = _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_size)
+    return total / denominator
 
 
 @torch.no_grad()
@@ -82,6 +111,8 @@ def supports_chunked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
         return False
+    if not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):  # nothing to compare on: label every token
+        batch = {**batch, "labels": batch["input_ids"]}
     try:
         reference = model(**batch).loss.float()
         chunked = chunked_causal_lm_loss(model, batch, chunk_size).float()

@@ -81,6 +81,8 @@ class Run:
 
             items = _target_tokens(batch) / self.ranks.world
             local = {k: v.to(self.device) for k, v in local_rows(batch, self.ranks).items()}
+            if self.loss_chunk_size:
+                return chunked_causal_lm_loss(self.model, local, self.loss_chunk_size, max(items, 1e-9))
             return self.model(**local, num_items_in_batch=max(items, 1e-9)).loss
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.loss_chunk_size:
@@ -214,14 +216,18 @@ def setup(config: TrainConfig) -> Run:
         "format": loaded.format, "examples": len(loaded.examples), "truncated": loaded.truncated,
         "dropped": loaded.dropped, "rows": len(rows), "validation_rows": len(val_rows or []),
     }
-    if config.loss_chunk_size and ranks.distributed:
-        run.notes.append("loss_chunk_size ignored with several ranks: the chunked loss reads the output layer's "
-                         "weight outside its module, where ZeRO-3 has not gathered it")
-    elif config.loss_chunk_size:
+    if config.loss_chunk_size:
         _, first = next(plan.iterate(0))
+        if ranks.distributed:
+            from lomo_core.zero3.runtime import all_reduce_sum, local_rows
+
+            first = local_rows(first, ranks)
         first = {k: v.to(device) for k, v in first.items()}
         model.eval()
-        if supports_chunked_loss(model, first, config.loss_chunk_size):
+        supported = supports_chunked_loss(model, first, config.loss_chunk_size)
+        if ranks.distributed:  # every rank takes the same decision, or their collectives would part ways
+            supported = all_reduce_sum([float(supported)], device)[0] == ranks.world
+        if supported:
             run.loss_chunk_size = config.loss_chunk_size
         else:
             run.notes.append("loss_chunk_size ignored: this model's logits are not a plain linear projection "

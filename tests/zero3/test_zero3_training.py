@@ -39,6 +39,7 @@ def runs(tmp_path_factory):
     for name, args in {
         "two_ranks": ["--nproc", "2", "--max-steps", "6", "--save-every", "3"],
         "one_process": ["--max-steps", "6"],
+        "two_ranks_chunked_loss": ["--nproc", "2", "--max-steps", "6", "--loss-chunk-size", "50"],
         "first_half": ["--nproc", "2", "--max-steps", "3", "--save-every", "3"],
     }.items():
         result = lomo_train(root / name, *args)
@@ -59,6 +60,18 @@ def test_two_ranks_train_like_one_process(runs):
     train_two = [r["loss"] for r in losses if r["kind"] == "train"]
     train_one = [r["loss"] for r in losses_one if r["kind"] == "train"]
     assert train_two == pytest.approx(train_one, rel=1e-5)  # the reported loss is the whole batch's
+
+
+def test_the_chunked_loss_on_two_ranks_trains_like_one_process(runs):
+    """The chunked loss gathers the partitioned output layer itself; the result is the same training."""
+    two, one = weights(runs["two_ranks_chunked_loss"] / "model"), weights(runs["one_process"] / "model")
+    for name in one:
+        assert torch.allclose(two[name], one[name], rtol=1e-4, atol=1e-6), name
+    records = [json.loads(line) for line in (runs["two_ranks_chunked_loss"] / "metrics.jsonl").read_text().splitlines()]
+    assert not any("loss_chunk_size ignored" in json.dumps(r) for r in records)
+    train_one = [json.loads(line)["loss"] for line in (runs["one_process"] / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+    assert [r["loss"] for r in records if r["kind"] == "train"] == pytest.approx(train_one, rel=1e-5)
 
 
 def test_every_rank_reports_its_memory_and_traffic(runs):

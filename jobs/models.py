@@ -75,6 +75,9 @@ class Job(Base):
     gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     #: higher runs first; first come, first served within a priority
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: jobs behind this one in the queue that started while it waited for GPUs (backfill); at
+    #: ``LOMO_BACKFILL_LIMIT`` nothing behind it starts any more on its node
+    bypassed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Claim and liveness: which worker runs the job, since when it was last heard of, which attempt.
     claimed_by: Mapped[str | None] = mapped_column(String(200))
@@ -163,3 +166,13 @@ class GpuLease(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     leased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Node(Base):
+    """A worker node and its GPUs (GiB each; empty for a CPU node), written by its workers at start."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    gpu_memory_gib: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

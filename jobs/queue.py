@@ -46,9 +46,12 @@ def _producer(settings_json: str) -> Celery:
     return make_celery(Settings.model_validate_json(settings_json))
 
 
-def enqueue(settings: Settings, job_id: str, countdown: float | None = None) -> None:
-    """Send ``run_job(job_id)`` (after ``countdown`` seconds). Raises when the broker cannot be reached
-    (the job stays queued in the database, and every worker re-sends queued jobs when it starts)."""
+def enqueue(settings: Settings, job_id: str, countdown: float | None = None, poll: bool = True) -> None:
+    """Send ``run_job(job_id)`` (after ``countdown`` seconds): a wake-up for the workers, which start the
+    first job of the queue they can. ``poll=False`` sends one that is not re-sent when nothing can
+    start. Raises when the broker cannot be reached (the job stays queued in the database, and every
+    worker re-sends queued jobs when it starts)."""
     app = _producer(settings.model_dump_json())
-    app.send_task(RUN_JOB, args=[job_id], queue=settings.queue, countdown=countdown, retry=True,
+    app.send_task(RUN_JOB, args=[job_id], kwargs={} if poll else {"poll": False}, queue=settings.queue,
+                  countdown=countdown, retry=True,
                   retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})

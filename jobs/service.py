@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from jobs.models import Checkpoint, EvalResult, File, Job, JobEvent, MemorySample, MetricPoint, User
+from jobs.models import Checkpoint, EvalResult, File, Job, JobEvent, MemorySample, MetricPoint, Node, User
 from jobs.schemas import HYPERPARAMETERS, JobCreate
 from jobs.settings import Settings
 from jobs.states import TERMINAL, JobStatus, transition_values
@@ -221,11 +221,36 @@ def check_train_config(values: dict[str, Any]) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def predict_memory(settings: Settings, model: Path, resolved: dict[str, Any], pinned: int | None) -> dict[str, Any]:
+def register_node(session: Session, name: str, gpu_memory_gib: list[float]) -> None:
+    """Record (or refresh) a worker node's GPUs: the API places jobs on what the workers have."""
+    node = session.get(Node, name)
+    if node is None:
+        session.add(Node(name=name, gpu_memory_gib=list(gpu_memory_gib), seen_at=now_utc()))
+    else:
+        node.gpu_memory_gib, node.seen_at = list(gpu_memory_gib), now_utc()
+
+
+def deployment_inventory(session: Session, settings: Settings) -> tuple[str, int, int]:
+    """(device kind, devices per node, bytes per device) that jobs are checked against at submission.
+
+    GPUs declared in the settings (``LOMO_GPU_MEMORY_GIB``) win; otherwise the largest GPU node its
+    workers registered (the most GPUs, then the most memory on its smallest one); otherwise this host's
+    memory, as a CPU node."""
+    if settings.gpu_memory_gib:
+        return settings.device_inventory()
+    nodes = [n.gpu_memory_gib for n in session.scalars(select(Node)) if n.gpu_memory_gib]
+    if nodes:
+        best = max(nodes, key=lambda gib: (len(gib), min(gib)))
+        return "cuda", len(best), int(min(best) * 1024**3)
+    return settings.device_inventory()
+
+
+def predict_memory(session: Session, settings: Settings, model: Path, resolved: dict[str, Any],
+                   pinned: int | None) -> dict[str, Any]:
     """The memory model's answer for a job on this deployment's devices (``lomo_core.memory_model``)."""
     from lomo_core.memory_model import GiB, model_shape, place
 
-    device, count, device_bytes = settings.device_inventory()
+    device, count, device_bytes = deployment_inventory(session, settings)
     try:
         shape = model_shape(model)
     except Exception as e:  # a config the model cannot be built from on the meta device: no prediction
@@ -262,7 +287,7 @@ def _checked_request(session: Session, settings: Settings, owner: str, request: 
         known = registered_models(settings)
         problems.append(Problem("model", f"{request.model!r} is neither a model folder (with config.json) nor "
                                          f"a registered model" + (f" ({', '.join(known)})" if known else "")))
-    _device, count, _bytes = settings.device_inventory()
+    _device, count, _bytes = deployment_inventory(session, settings)
     if request.gpus is not None and _device == "cuda" and request.gpus > count:
         problems.append(Problem("gpus", f"{request.gpus} GPUs asked for; a node of this deployment has {count}"))
     if problems:
@@ -277,7 +302,7 @@ def _checked_request(session: Session, settings: Settings, owner: str, request: 
 def estimate_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> dict[str, Any]:
     """``POST /v1/estimates``: what a job would need, without creating it."""
     model, _train, _val, resolved = _checked_request(session, settings, owner, request, "estimate")
-    return predict_memory(settings, model, resolved, request.gpus)
+    return predict_memory(session, settings, model, resolved, request.gpus)
 
 
 def create_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> Job:
@@ -287,7 +312,7 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
     count that the model says is too few, the job is accepted with a warning."""
     job_id = new_id("ftjob")
     model, train, val, resolved = _checked_request(session, settings, owner, request, job_id)
-    prediction = predict_memory(settings, model, resolved, request.gpus)
+    prediction = predict_memory(session, settings, model, resolved, request.gpus)
     if prediction.get("available") and not prediction["fits"] and request.gpus is None:
         raise InvalidRequest([Problem("model", f"the job cannot fit on this deployment: it {prediction['reason']}; "
                                                "lower batch_size or max_seq_len, turn on gradient_checkpointing, "
@@ -369,17 +394,6 @@ def claim_job(session: Session, job_id: str, worker: str) -> bool:
         .values(claimed_by=worker, heartbeat_at=now, attempt=Job.attempt + 1, **values)
     ).rowcount
     session.commit()
-    return done == 1
-
-
-def requeue(session: Session, job_id: str, why: str) -> bool:
-    """``running -> queued`` for a claimed job that cannot start yet (not enough free devices)."""
-    done = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-        .values(claimed_by=None, **transition_values(JobStatus.RUNNING, JobStatus.QUEUED))
-    ).rowcount
-    if done:
-        add_event(session, job_id, why)
     return done == 1
 
 

@@ -41,8 +41,13 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(1.0, gt=0)
     #: a cancelled training process gets this long to stop at a step boundary before it is killed
     cancel_grace_s: float = Field(30.0, ge=0)
-    #: a job waiting for free GPUs is sent to the queue again after this many seconds
+    #: while jobs wait for free GPUs, a worker looks at the queue again this often (seconds); a job that
+    #: ends also wakes the workers at once
     requeue_delay_s: float = Field(15.0, ge=0)
+    #: backfill: while the first job of the queue waits for more GPUs than are free, at most this many
+    #: jobs behind it may start on the free ones; then the node's GPUs are held for it as they free up
+    #: (0: strict queue order)
+    backfill_limit: int = Field(4, ge=0)
     #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication

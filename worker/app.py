@@ -15,18 +15,34 @@ from celery.signals import worker_init, worker_ready
 from jobs import leases, service
 from jobs.db import database
 from jobs.queue import RUN_JOB, enqueue, make_celery
-from jobs.settings import get_settings
+from jobs.settings import Settings, get_settings
 from worker.supervisor import JobRunner
 
 log = logging.getLogger("lomo.worker")
-settings = get_settings()
+
+
+def with_node_gpus(settings: Settings) -> Settings:
+    """The settings with this node's GPUs: declared (``LOMO_GPU_MEMORY_GIB``), or discovered with
+    nvidia-smi unless ``LOMO_DEVICE=cpu``. The worker registers them for the API at start."""
+    if settings.gpu_memory_gib or settings.device == "cpu":
+        return settings
+    from jobs.devices import discover_gpus
+
+    found = discover_gpus()
+    if found:
+        log.info("%d GPU(s) found: %s GiB", len(found), ", ".join(f"{g:.1f}" for g in found))
+        return settings.model_copy(update={"gpu_memory_gib": found})
+    return settings
+
+
+settings = with_node_gpus(get_settings())
 celery_app = make_celery(settings)
 app = celery_app  # `celery -A worker.app` finds it under either name
 
 
 @celery_app.task(name=RUN_JOB)
-def run_job(job_id: str) -> str:
-    return JobRunner(settings).run(job_id)
+def run_job(job_id: str, poll: bool = True) -> str:
+    return JobRunner(settings).run(job_id, poll=poll)
 
 
 @worker_init.connect
@@ -41,6 +57,7 @@ def _migrate(**_kwargs) -> None:
 @worker_ready.connect
 def _resend_queued(**_kwargs) -> None:
     with database(settings.resolved_database_url()).session() as session:
+        service.register_node(session, settings.worker_name, settings.gpu_memory_gib)
         returned = leases.release_orphans(session, settings.worker_name)
         queued = service.queued_job_ids(session)
     if returned:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs import leases, service
+from jobs import devices as devices_mod
+from jobs import leases, scheduler, service
 from jobs.db import Database, database
 from jobs.models import File, Job
 from jobs.settings import Settings
@@ -51,27 +52,32 @@ class JobRunner:
         self.command = command or [sys.executable, "-m", "worker.runner"]
 
     # ------------------------------------------------------------------------------------------ entry
-    def run(self, job_id: str) -> str:
-        """Run the first job of the queue (highest priority, then oldest) that this call can claim.
+    def run(self, job_id: str, poll: bool = True) -> str:
+        """Start the next job this node can run (see ``jobs.scheduler``), run it to its end, and wake the
+        workers for what its GPUs can start next.
 
-        A task message is a wake-up: ``job_id`` is the job it was sent for, but whichever queued job
-        comes first runs. Every job sends one message when it is created and one each time it goes back
-        to the queue, so there are never fewer messages than queued jobs and each is picked in turn; a
-        duplicated message finds its job claimed already and nothing else to do. Returns the final
-        status of the job that ran, "queued" if it had to wait for GPUs, or "skipped".
+        A task message is a wake-up: ``job_id`` is the job it was sent for, but the queue decides what
+        runs. Every job sends one message when it is created. A message that finds jobs waiting but
+        none that can start here now is sent again after ``requeue_delay_s`` (when ``poll``), so there
+        are never fewer messages than queued jobs; a job that ends also sends immediate wake-ups that
+        are not re-sent. Returns the final status of the job that ran, "waiting" when queued jobs
+        wait for GPUs, or "skipped" when the queue is empty.
         """
         worker = f"{self.settings.worker_name}:{os.getpid()}"
-        with self.db.session() as session:
-            claimed = next((j for j in service.queued_job_ids(session) if service.claim_job(session, j, worker)), None)
-            if claimed is None:
+        kind, total, _bytes = self.settings.device_inventory()
+        node_size = total if kind == "cuda" else None
+        started = scheduler.start_next(self.db, self.settings.worker_name, node_size, worker,
+                                       self.settings.backfill_limit)
+        if started is None:
+            with self.db.session() as session:
+                waiting = bool(service.queued_job_ids(session))
+            if not waiting:
                 log.info("message for %s: no queued job to run", job_id)
                 return "skipped"
-            job_id = claimed
-            job = session.get(Job, job_id)
-            service.add_event(session, job_id, f"started by worker {worker} (attempt {job.attempt})")
-        devices = self._lease(job_id, job.gpus or 1)
-        if devices is False:
-            return "queued"
+            if poll:
+                self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
+            return "waiting"
+        job_id, devices = started.job_id, started.devices
         try:
             prepared = self._prepare(job_id)
             if isinstance(prepared, service.Outcome):
@@ -88,30 +94,18 @@ class JobRunner:
                 leases.release(session, job_id)
         with self.db.session() as session:
             service.finish_job(session, job_id, outcome)
+            waiting = len(service.queued_job_ids(session))
+        for _ in range(min(waiting, len(devices) if devices is not None else 1)):
+            self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
         return outcome.status.value
 
-    def _lease(self, job_id: str, count: int) -> list[int] | None | bool:
-        """The GPUs of this node leased to the job (None on a CPU node); False when too few are free:
-        the job then goes back to the queue and is sent again after ``requeue_delay_s``."""
-        kind, total, _bytes = self.settings.device_inventory()
-        if kind != "cuda":
-            return None
-        chosen = leases.acquire(self.db.sessions, self.settings.worker_name, list(range(total)), job_id, count)
-        if chosen is not None:
-            with self.db.session() as session:
-                service.add_event(session, job_id, f"GPUs {chosen} of {self.settings.worker_name} leased")
-            return chosen
-        with self.db.session() as session:
-            busy = len(leases.leased_devices(session, self.settings.worker_name))
-            service.requeue(session, job_id, f"waiting: {count} GPU(s) needed, {total - busy} of {total} free on "
-                                             f"{self.settings.worker_name}")
+    def _send(self, job_id: str, countdown: float | None, poll: bool) -> None:
         from jobs.queue import enqueue
 
         try:
-            enqueue(self.settings, job_id, countdown=self.settings.requeue_delay_s)
-        except Exception as e:  # the job is queued in the database: a starting worker re-sends it
-            log.warning("could not re-send %s: %s", job_id, e)
-        return False
+            enqueue(self.settings, job_id, countdown=countdown, poll=poll)
+        except Exception as e:  # the jobs are queued in the database: a starting worker re-sends them
+            log.warning("could not send a wake-up: %s", e)
 
     # ------------------------------------------------------------------------------------------ prepare
     def _prepare(self, job_id: str) -> service.Outcome | tuple[Path, Path, dict[str, str]]:
@@ -156,7 +150,7 @@ class JobRunner:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in devices)
+            env["CUDA_VISIBLE_DEVICES"] = devices_mod.visible_ids(devices)
         with (output_dir / LOG_FILE).open("ab") as log_file:
             child = subprocess.Popen(
                 [*self.command, str(config_path), "--fd", str(write_fd)], pass_fds=(write_fd,),

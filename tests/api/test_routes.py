@@ -297,3 +297,25 @@ def test_jobs_store_their_prediction_and_a_pinned_count_is_warned(gpu_node):
     assert pinned["status"] == "queued" and pinned["predicted_memory"]["fits"] is False
     events = client.get(f"/v1/fine_tuning/jobs/{pinned['id']}/events").json()["data"]
     assert any(e["level"] == "warning" and "predicted memory" in e["message"] for e in events)
+
+
+def test_with_no_gpus_declared_the_api_places_jobs_on_the_gpus_its_workers_registered(tmp_path, database_url):
+    from jobs import service
+    from jobs.db import database
+
+    models = tmp_path / "models"
+    models.mkdir()
+    llama_folder(models, "llama-13b", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                 num_attention_heads=40)
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[models])
+    with TestClient(create_app(settings)) as client:
+        body = {"model": "llama-13b", "training_file": upload(client).json()["id"], "hyperparameters": PAPER}
+        assert client.post("/v1/estimates", json=body).json()["device"] == "cpu"  # no GPU node known yet
+        with database(database_url).session() as s:  # what `lomo worker` does at start on two nodes
+            service.register_node(s, "small-node", [80.0])
+            service.register_node(s, "gpu-node", [24.0] * 4)
+        answer = client.post("/v1/estimates", json=body).json()
+        assert answer["device"] == "cuda" and answer["devices"] == 4 and answer["gpus"] == 2
+        assert answer["device_bytes"] == 24 * 1024**3
+        error = error_of(client.post("/v1/fine_tuning/jobs", json={**body, "gpus": 8}), 422)
+        assert error["param"] == "gpus" and "has 4" in error["message"]

@@ -1,16 +1,15 @@
-"""GPU leases on simulated devices, SQLite and Postgres: never a device leased twice, every job served,
-the GPUs of a job that ended without releasing them come back."""
+"""GPU leases, SQLite and Postgres: the database refuses a device leased twice, and the GPUs of a job
+that ended without releasing them come back. (Leasing under concurrency: tests/jobs/test_scheduler.py.)"""
 
 from __future__ import annotations
 
-import random
-import threading
-import time
+import pytest
+from sqlalchemy.exc import IntegrityError
 
 from jobs import leases
 from jobs.db import database
 from jobs.migrate import upgrade
-from jobs.models import File, Job, User
+from jobs.models import File, GpuLease, Job, User
 from jobs.states import JobStatus
 
 
@@ -28,75 +27,31 @@ def make_jobs(db, sizes: list[int]) -> list[tuple[str, int]]:
     return jobs
 
 
-def test_concurrent_workers_never_share_a_device(database_url):
+def test_the_database_refuses_a_device_leased_twice_and_keeps_nodes_apart(database_url):
     upgrade(database_url)
     db = database(database_url)
-    sizes = [random.Random(n).choice([1, 1, 2, 4, 8]) for n in range(24)]
-    jobs = make_jobs(db, sizes)
-    devices = list(range(8))
-    holder: dict[int, str] = {}
-    guard = threading.Lock()
-    violations: list[str] = []
-    served: list[str] = []
-    queue = list(jobs)
-
-    def worker() -> None:
-        while True:
-            with guard:
-                if not queue:
-                    return
-                job_id, size = queue.pop(0)
-            while True:  # wait until enough devices are free
-                chosen = leases.acquire(db.sessions, "node-a", devices, job_id, size)
-                if chosen is not None:
-                    break
-                time.sleep(0.01)
-            with guard:
-                if len(chosen) != size:
-                    violations.append(f"{job_id} got {chosen} for {size}")
-                for device in chosen:
-                    if device in holder:
-                        violations.append(f"device {device} held by {holder[device]} and {job_id}")
-                    holder[device] = job_id
-            time.sleep(0.005)
-            with guard:
-                for device in chosen:
-                    del holder[device]
-            with db.session() as s:
-                assert leases.release(s, job_id) == size
-            with guard:
-                served.append(job_id)
-
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not violations
-    assert sorted(served) == sorted(j for j, _ in jobs)  # every job was served
+    (a, _), (b, _) = make_jobs(db, [1, 1])
     with db.session() as s:
-        assert leases.leased_devices(s, "node-a") == {}
-
-
-def test_a_second_worker_cannot_take_a_leased_device_and_nodes_are_separate(database_url):
-    upgrade(database_url)
-    db = database(database_url)
-    (a, _), (b, _), (c, _) = make_jobs(db, [2, 2, 1])
-    assert leases.acquire(db.sessions, "node-a", [0, 1], a, 2) == [0, 1]
-    assert leases.acquire(db.sessions, "node-a", [0, 1], b, 1) is None  # none free on node-a
-    assert leases.acquire(db.sessions, "node-a", [0, 1], a, 2) == [0, 1]  # a re-delivered task gets its own
-    assert leases.acquire(db.sessions, "node-b", [0, 1], b, 2) == [0, 1]  # another node's devices
+        s.add(GpuLease(node="node-a", device_index=0, job_id=a))
+    with pytest.raises(IntegrityError), db.session() as s:
+        s.add(GpuLease(node="node-a", device_index=0, job_id=b))
+        s.flush()
     with db.session() as s:
-        leases.release(s, a)
-    assert leases.acquire(db.sessions, "node-a", [0, 1], c, 1) == [0]
+        s.add(GpuLease(node="node-b", device_index=0, job_id=b))  # another node's device 0
+    with db.session() as s:
+        assert leases.release(s, a) == 1
+        s.add(GpuLease(node="node-a", device_index=0, job_id=b))  # free again once released
+    with db.session() as s:
+        assert leases.leased_devices(s, "node-a") == {0: b}
 
 
 def test_the_gpus_of_an_ended_job_come_back(database_url):
     upgrade(database_url)
     db = database(database_url)
     (crashed, _), (alive, _) = make_jobs(db, [2, 1])
-    assert leases.acquire(db.sessions, "node-a", list(range(4)), crashed, 2) == [0, 1]
-    assert leases.acquire(db.sessions, "node-a", list(range(4)), alive, 1) == [2]
+    with db.session() as s:
+        s.add_all([GpuLease(node="node-a", device_index=i, job_id=crashed) for i in (0, 1)]
+                  + [GpuLease(node="node-a", device_index=2, job_id=alive)])
     with db.session() as s:  # its worker died; the job was marked failed, the leases stayed
         s.get(Job, crashed).status = JobStatus.FAILED.value
     with db.session() as s:

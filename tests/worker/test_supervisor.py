@@ -13,7 +13,7 @@ import pytest
 from jobs import service
 from jobs.db import database
 from jobs.migrate import upgrade
-from jobs.models import Checkpoint, EvalResult, Job, MemorySample, MetricPoint
+from jobs.models import Checkpoint, EvalResult, GpuLease, Job, MemorySample, MetricPoint
 from jobs.schemas import JobCreate
 from jobs.settings import Settings
 from tests.conftest import INSTRUCT, STORIES, need_shared
@@ -193,11 +193,12 @@ def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(e
     # the first job holds GPUs 0 and 1 (as if it were running on another worker)
     with db.session() as s:
         assert service.claim_job(s, first, "elsewhere")
-    assert leases.acquire(db.sessions, settings.worker_name, [0, 1, 2], first, 2) == [0, 1]
+    with db.session() as s:
+        s.add_all([GpuLease(node=settings.worker_name, device_index=i, job_id=first) for i in (0, 1)])
     runner = stub_runner(settings, db, tmp_path, "report-devices")
-    assert runner.run(second) == "queued"  # 1 of 3 free: it waits, back in the queue
+    assert runner.run(second) == "waiting"  # 1 of 3 free: it waits in the queue, never claimed
     job = job_row(db, second)
-    assert job.status == "queued" and job.attempt == 1
+    assert job.status == "queued" and job.attempt == 0
     with db.session() as s:
         events, _ = service.list_events(s, "ann", second, limit=100)
     assert any("waiting: 2 GPU(s) needed, 1 of 3 free" in e.message for e in events)
@@ -205,7 +206,7 @@ def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(e
         leases.release(s, first)
     assert runner.run(second) == "succeeded"  # now it starts, on the GPUs it was leased
     job = job_row(db, second)
-    assert job.fine_tuned_model == "0,1" and job.attempt == 2
+    assert job.fine_tuned_model == "0,1" and job.attempt == 1
     with db.session() as s:
         assert leases.leased_devices(s, settings.worker_name) == {}  # given back at the end
 

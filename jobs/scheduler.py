@@ -1,0 +1,149 @@
+"""Which queued job a worker starts next, on which GPUs of its node.
+
+The queue's order is priority (higher first), then first come. A worker that wakes up walks the queue
+with the number of its node's GPUs that are free:
+
+- the first job that fits the free GPUs starts;
+- a job that needs more GPUs than are free waits. Jobs behind it may still start on the free GPUs
+  (*backfill*: a 1-GPU job need not wait behind an 8-GPU job while 3 GPUs idle), but each time one
+  does, the waiting job's ``bypassed`` count grows. At ``backfill_limit`` nothing behind it starts on
+  this node any more: the GPUs are held for it as running jobs end, so it cannot starve;
+- a job that needs more GPUs than this node has is left to larger nodes, and does not block this one.
+
+Choosing, claiming and leasing happen in one transaction: the conditional ``UPDATE ... WHERE
+status='queued'`` claims the job, the lease rows take the devices (a partial unique index refuses a
+device already leased), and the waiting jobs' ``bypassed`` counts grow. When another worker won any
+part of it, the whole transaction is rolled back and the choice is made again from the new state, so
+no job starts twice, no device is leased twice, and a job is never left claimed without its GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from jobs import leases, service
+from jobs.db import Database, session_scope
+from jobs.models import GpuLease, Job, JobEvent
+from jobs.states import JobStatus, transition_values
+
+log = logging.getLogger("lomo.scheduler")
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A queued job as the scheduler sees it."""
+
+    id: str
+    need: int  # GPUs (or CPU ranks)
+    bypassed: int = 0
+
+
+@dataclass
+class Choice:
+    job_id: str | None  # the job to start, or None
+    skipped: list[str] = field(default_factory=list)  # jobs ahead of it that wait for more GPUs than are free
+    held_for: str | None = None  # the job the free GPUs are held for (it reached the backfill limit)
+
+
+def choose(queue: list[Waiting], free: int | None, node_size: int | None, backfill_limit: int) -> Choice:
+    """The job to start from ``queue`` (in queue order) with ``free`` GPUs (None: a CPU node, where
+    the first job starts), on a node of ``node_size`` GPUs."""
+    skipped: list[str] = []
+    for job in queue:
+        if free is None or job.need <= free:
+            return Choice(job.id, skipped)
+        if node_size is not None and job.need > node_size:
+            continue  # never fits here: another node's job
+        if job.bypassed >= backfill_limit:
+            return Choice(None, skipped, held_for=job.id)
+        skipped.append(job.id)
+    return Choice(None, skipped)
+
+
+@dataclass
+class Started:
+    job_id: str
+    devices: list[int] | None  # leased GPU indices on the node; None on a CPU node
+    attempt: int
+    ahead_of: list[str]  # waiting jobs this one started ahead of (backfill)
+
+
+class _Lost(Exception):
+    """Another worker claimed the job first: choose again."""
+
+
+def queue_snapshot(session: Session) -> list[Waiting]:
+    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed).where(Job.status == JobStatus.QUEUED.value)
+                           .order_by(Job.priority.desc(), Job.created_at, Job.id))
+    return [Waiting(id, need or 1, bypassed or 0) for id, need, bypassed in rows]
+
+
+def start_next(db: Database, node: str, node_size: int | None, worker: str, backfill_limit: int,
+               attempts: int = 50) -> Started | None:
+    """Claim the next job this node can start and lease its GPUs, or None when no queued job can start
+    here now. ``node_size`` is the node's GPU count (None on a CPU node)."""
+    for _ in range(attempts):
+        try:
+            with session_scope(db.sessions) as session:
+                return _start_next(session, node, node_size, worker, backfill_limit)
+        except (_Lost, IntegrityError):
+            continue  # another worker changed the queue or the leases between our read and our write
+        except OperationalError as e:  # SQLite: "database is locked" when many workers write at once
+            if "locked" not in str(e):
+                raise
+    log.warning("%s: gave up choosing a job after %d conflicts; the next wake-up tries again", worker, attempts)
+    return None
+
+
+def _start_next(session: Session, node: str, node_size: int | None, worker: str,
+                backfill_limit: int) -> Started | None:
+    taken = leases.leased_devices(session, node) if node_size is not None else {}
+    free = [i for i in range(node_size) if i not in taken] if node_size is not None else None
+    queue = queue_snapshot(session)
+    choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit)
+    for job_id in choice.skipped[:1] + ([choice.held_for] if choice.held_for else []):
+        need = next(j.need for j in queue if j.id == job_id)
+        _note_waiting(session, job_id, f"waiting: {need} GPU(s) needed, {len(free or [])} of {node_size} free on "
+                      f"{node}" + ("; the GPUs are held for it" if job_id == choice.held_for else ""))
+    if choice.job_id is None:
+        return None
+    now = service.now_utc()
+    claimed = session.execute(
+        update(Job).where(Job.id == choice.job_id, Job.status == JobStatus.QUEUED.value)
+        .values(claimed_by=worker, heartbeat_at=now, attempt=Job.attempt + 1,
+                **transition_values(JobStatus.QUEUED, JobStatus.RUNNING, now))
+    ).rowcount
+    if claimed != 1:
+        raise _Lost()
+    job = session.get(Job, choice.job_id)
+    devices = None
+    if free is not None:
+        devices = free[:job.gpus or 1]
+        session.add_all([GpuLease(node=node, device_index=i, job_id=job.id, leased_at=now) for i in devices])
+        session.flush()  # the unique index decides here, inside the transaction
+    service.add_event(session, job.id, f"started by worker {worker} (attempt {job.attempt})"
+                      + (f" on GPUs {devices} of {node}" if devices is not None else ""))
+    if choice.skipped:
+        session.execute(update(Job).where(Job.id.in_(choice.skipped), Job.status == JobStatus.QUEUED.value)
+                        .values(bypassed=Job.bypassed + 1))
+        service.add_event(session, job.id, "started ahead of " + ", ".join(choice.skipped)
+                          + " (waiting for more GPUs than are free): backfill")
+        for waiting in queue:
+            if waiting.id in choice.skipped and waiting.bypassed + 1 == backfill_limit:
+                service.add_event(session, waiting.id,
+                                  f"waiting: {backfill_limit} job(s) behind this one have started meanwhile; none "
+                                  f"more will: the GPUs of {node} are held for it as they free up")
+    return Started(job.id, devices, job.attempt, choice.skipped)
+
+
+def _note_waiting(session: Session, job_id: str, message: str) -> None:
+    """An event on a job that waits for GPUs, once per wait (not at every look at the queue)."""
+    last = session.scalar(select(JobEvent.message).where(JobEvent.job_id == job_id)
+                          .order_by(JobEvent.id.desc()).limit(1))
+    if last is None or not last.startswith("waiting:"):
+        service.add_event(session, job_id, message)

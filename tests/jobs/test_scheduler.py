@@ -1,0 +1,165 @@
+"""The scheduler: which queued job starts on which GPUs. The rule on its own, then many worker threads
+sharing simulated devices through SQLite and Postgres: no device leased twice, every job runs once,
+queue order kept among jobs of one size, backfill bounded, the GPUs of a crashed job coming back."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from jobs import leases, scheduler
+from jobs.db import database
+from jobs.migrate import upgrade
+from jobs.models import File, GpuLease, Job, JobEvent, User
+from jobs.scheduler import Waiting, choose
+from jobs.states import JobStatus
+
+
+# ------------------------------------------------------------------------------------------ the rule
+def test_the_first_job_that_fits_starts():
+    queue = [Waiting("a", 2), Waiting("b", 1)]
+    assert choose(queue, free=4, node_size=8, backfill_limit=4).job_id == "a"
+
+
+def test_a_small_job_starts_on_free_gpus_while_a_big_one_waits():
+    queue = [Waiting("big", 8), Waiting("mid", 4), Waiting("small", 1)]
+    choice = choose(queue, free=2, node_size=8, backfill_limit=4)
+    assert choice.job_id == "small" and choice.skipped == ["big", "mid"] and choice.held_for is None
+
+
+def test_at_the_backfill_limit_the_free_gpus_are_held_for_the_waiting_job():
+    queue = [Waiting("big", 8, bypassed=4), Waiting("small", 1)]
+    choice = choose(queue, free=2, node_size=8, backfill_limit=4)
+    assert choice.job_id is None and choice.held_for == "big"
+    assert choose(queue, free=8, node_size=8, backfill_limit=4).job_id == "big"
+    # strict order: no backfill at all
+    assert choose([Waiting("big", 8), Waiting("small", 1)], free=2, node_size=8, backfill_limit=0).job_id is None
+
+
+def test_a_job_larger_than_the_node_is_left_to_larger_nodes():
+    queue = [Waiting("huge", 16), Waiting("small", 1)]
+    choice = choose(queue, free=8, node_size=8, backfill_limit=0)
+    assert choice.job_id == "small" and choice.skipped == []
+
+
+def test_a_cpu_node_takes_the_queue_in_order():
+    assert choose([Waiting("a", 2), Waiting("b", 1)], free=None, node_size=None, backfill_limit=0).job_id == "a"
+
+
+# ------------------------------------------------------------------------------------------ on a database
+def queue_jobs(db, specs: list[tuple[int, int]]) -> list[str]:
+    """Queued jobs of (GPUs, priority), created one second apart in this order."""
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with db.session() as s:
+        s.add(User(id="ann", name="ann"))
+        s.flush()
+        s.add(File(id="f", owner_id="ann", filename="d.jsonl", purpose="fine-tune", bytes=1, storage_path="x"))
+        s.flush()
+        ids = []
+        for n, (gpus, priority) in enumerate(specs):
+            s.add(Job(id=f"job-{n:03d}", owner_id="ann", model="m", training_file_id="f", method="lomo",
+                      status=JobStatus.QUEUED.value, gpus=gpus, priority=priority,
+                      created_at=start + timedelta(seconds=n)))
+            ids.append(f"job-{n:03d}")
+    return ids
+
+
+def finish(db, job_id: str, status: JobStatus = JobStatus.SUCCEEDED, release: bool = True) -> None:
+    with db.session() as s:
+        s.get(Job, job_id).status = status.value
+        if release:
+            leases.release(s, job_id)
+
+
+@pytest.mark.parametrize("limit", [0, 3])
+def test_many_workers_share_the_gpus_of_a_node(database_url, limit):
+    upgrade(database_url)
+    db = database(database_url)
+    rng = random.Random(7)
+    specs = [(rng.choice([1, 1, 1, 2, 2, 4, 8]), rng.choice([0, 0, 5])) for _ in range(30)]
+    ids = queue_jobs(db, specs)
+    need = dict(zip(ids, (g for g, _ in specs), strict=True))
+    order = sorted(ids, key=lambda j: (-specs[ids.index(j)][1], ids.index(j)))  # the queue's order
+    crashed = next(j for j in order if need[j] == 2)
+    holder: dict[int, str] = {}
+    guard = threading.Lock()
+    violations: list[str] = []
+    starts: list[str] = []
+
+    def worker(n: int) -> None:
+        idle = 0
+        while idle < 400:
+            started = scheduler.start_next(db, "node-a", 8, f"w{n}", limit)
+            if started is None:
+                idle += 1
+                time.sleep(0.005)
+                continue
+            idle = 0
+            with guard:
+                starts.append(started.job_id)
+                if len(started.devices) != need[started.job_id]:
+                    violations.append(f"{started.job_id} got {started.devices}")
+                for device in started.devices:
+                    if device in holder:
+                        violations.append(f"device {device} held by {holder[device]} and {started.job_id}")
+                    holder[device] = started.job_id
+            time.sleep(rng.uniform(0.005, 0.03))
+            with guard:
+                for device in started.devices:
+                    del holder[device]
+            if started.job_id == crashed:  # its worker dies: the job is failed, its leases stay behind
+                finish(db, crashed, JobStatus.FAILED, release=False)
+                with db.session() as s:
+                    assert sorted(leases.leased_devices(s, "node-a")).count(started.devices[0]) == 1
+                    assert leases.release_orphans(s, "node-a") == [crashed]  # what a starting worker does
+            else:
+                finish(db, started.job_id)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not violations
+    assert sorted(starts) == sorted(ids)  # every job ran, once
+    position = {j: starts.index(j) for j in ids}
+    for size in set(need.values()):  # among jobs of one size, the queue's order
+        same = [j for j in order if need[j] == size]
+        assert [position[j] for j in same] == sorted(position[j] for j in same), size
+    overtaken = {j: sum(1 for k in order[order.index(j) + 1:] if position[k] < position[j]) for j in ids}
+    assert max(overtaken.values()) <= limit  # backfill is bounded: nothing starves
+    if limit:
+        assert max(overtaken.values()) > 0  # and it happened: small jobs used GPUs a big one could not
+    with db.session() as s:
+        assert leases.leased_devices(s, "node-a") == {}
+        assert {j.id: j.bypassed for j in s.query(Job)} == overtaken
+
+
+def test_a_waiting_job_says_so_once_and_a_backfilled_one_says_ahead_of_what(database_url):
+    upgrade(database_url)
+    db = database(database_url)
+    big, small, other = queue_jobs(db, [(4, 0), (1, 0), (1, 0)])
+    with db.session() as s:  # 2 of the 4 GPUs are busy with a job of another queue
+        s.add(Job(id="busy", owner_id="ann", model="m", training_file_id="f", method="lomo",
+                  status=JobStatus.RUNNING.value, gpus=2))
+    with db.session() as s:
+        s.add_all([GpuLease(node="node-a", device_index=i, job_id="busy") for i in (0, 1)])
+    first = scheduler.start_next(db, "node-a", 4, "w", 1)
+    assert first.job_id == small and first.devices == [2] and first.ahead_of == [big]
+    assert scheduler.start_next(db, "node-a", 4, "w", 1) is None  # the limit (1) is reached: held for big
+    finish(db, "busy")
+    finish(db, small)
+    started = scheduler.start_next(db, "node-a", 4, "w", 1)
+    assert started.job_id == big and started.devices == [0, 1, 2, 3]
+    with db.session() as s:
+        said = [e.message for e in s.query(JobEvent).filter_by(job_id=big).order_by(JobEvent.id)]
+        ahead = [e.message for e in s.query(JobEvent).filter_by(job_id=small)]
+    waiting = [m for m in said if m.startswith("waiting:")]  # said once, then once when the GPUs are held
+    assert len(waiting) == 2 and "2 of 4 free" in waiting[0] and "held for it" in waiting[1]
+    assert any(m.startswith("started ahead of " + big) for m in ahead)
+    with db.session() as s:
+        assert s.get(Job, other).status == JobStatus.QUEUED.value  # behind big, it waits its turn

@@ -160,13 +160,17 @@ def estimate(
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_hidden
     per_token_layer = d * (6 * h + 2 * kv + 4 * i) + 8 * h  # see the module docstring
     logit_tokens = min(tokens, loss_chunk_size) if loss_chunk_size else tokens
-    logits = logit_tokens * shape.vocab * (d + 4 + 4)  # logits, their fp32 copy, its gradient
-    if gradient_checkpointing:
-        # The layer inputs are kept; the logits' backward and the recomputation of one layer come one
-        # after the other, so the larger of the two sets the peak.
-        activations = tokens * shape.layers * h * d + max(logits, tokens * per_token_layer)
-    else:
-        activations = tokens * shape.layers * per_token_layer + logits
+    # the logits, their fp32 copy (none when they are fp32 already), the fp32 log-softmax the loss
+    # saves, and the logits' gradient: 12 bytes per token and vocabulary entry in fp32 and in bf16
+    logits = logit_tokens * shape.vocab * (d + (4 if d < 4 else 0) + 4 + d)
+    kept = tokens * shape.layers * (h * d if gradient_checkpointing else per_token_layer)
+    # Two moments compete for the peak. At the loss's backward every saved activation and the logits
+    # are alive, but no parameter's gradient yet (the output layer's comes right after; under ZeRO-3
+    # its gathered weight takes that place). Later, in the layers' backward, the largest gradient is
+    # alive with the activations not yet freed (and, with checkpointing, one recomputed layer).
+    at_loss = kept + logits - (0 if zero3 else grads)
+    in_layers = kept + (tokens * per_token_layer if gradient_checkpointing else 0)
+    activations = max(at_loss, in_layers)
 
     other = 0
     if zero3:

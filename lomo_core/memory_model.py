@@ -17,9 +17,12 @@ gradients 12.55 (AdamW, SGD) / 0.24 (LOMO), optimizer state 75.31 (AdamW) / 25.1
 Activations are an analytic count of what a decoder layer of a Hugging Face causal LM saves for
 backward (per token: the layer input, the normalised inputs of attention and MLP with their fp32
 intermediates, q / k / v and the attention output, the MLP's four intermediate tensors), all layers,
-or with gradient checkpointing the layer inputs plus one layer recomputed; plus the attention scores
-where attention is not fused (the CPU), and the logits with their fp32 copy and gradient (or a chunk of
-them with ``loss_chunk_size``). Framework workspace is a fixed allowance on GPUs.
+or with gradient checkpointing the layer inputs plus one layer recomputed. The peak is the larger of
+two moments: the loss's backward (those activations, the logits, their fp32 copy, the fp32
+log-softmax and the logits' gradient, or a chunk of them with ``loss_chunk_size``; no parameter
+gradient exists yet) and the layers' backward (the activations, the largest gradient, one recomputed
+layer with checkpointing). Calibrated against measured CPU steps by ``benchmarks/bench_memory.py``.
+Framework workspace is a fixed allowance on GPUs.
 """
 
 from __future__ import annotations

@@ -213,17 +213,92 @@ def serve(
 
 @app.command()
 def worker(
-    concurrency: int = typer.Option(1, min=1, help="jobs run at once by this worker"),
+    concurrency: int | None = typer.Option(
+        None, min=1, help="jobs run at once by this worker (default: one per GPU of the node, 1 on a CPU node)"),
     loglevel: str = typer.Option("info", help="debug | info | warning | error"),
 ) -> None:
     """Start a Celery worker that runs fine-tuning jobs (reads LOMO_DATABASE_URL / LOMO_BROKER_URL)."""
     settings = _settings()
     from worker.app import celery_app
+    from worker.app import settings as node  # with the GPUs found on this node
 
+    slots = concurrency or max(1, len(node.gpu_memory_gib))
     celery_app.worker_main([
-        "worker", "--concurrency", str(concurrency), "--queues", settings.queue, "--loglevel", loglevel,
+        "worker", "--concurrency", str(slots), "--queues", settings.queue, "--loglevel", loglevel,
         "--hostname", f"lomo@{settings.worker_name}", "--without-gossip", "--without-mingle",
     ])
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Option(..., help="Hugging Face model folder (config, weights, tokenizer)"),
+    task: str = typer.Option(..., help="boolq | cb | copa | rte | wic | wsc | multirc | perplexity | lambada"),
+    file: Path = typer.Option(..., help="evaluation file (SuperGLUE jsonl; .txt/.jsonl text; lambada jsonl)"),
+    limit: int | None = typer.Option(None, help="score the first N documents only"),
+    num_fewshot: int = typer.Option(0, help="labelled examples in front of each prompt (needs --fewshot-file)"),
+    fewshot_file: Path | None = typer.Option(None, help="file the few-shot examples are drawn from"),
+    batch_size: int = typer.Option(8, help="requests per forward pass"),
+    max_length: int | None = typer.Option(None, help="tokens per input (default: the model's context length)"),
+    as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
+) -> None:
+    """Evaluate a model folder on one task with lm-evaluation-harness, offline, and print the metrics."""
+    from lomo_core.evals import TASKS, EvalInputError, EvalRequest, UnknownTaskError, check_eval_file, check_request
+
+    if not (model / "config.json").is_file():
+        _fail([f"--model: {str(model)!r} is not a Hugging Face model folder (no config.json)"])
+    try:
+        check_eval_file(task, file)
+    except UnknownTaskError as e:
+        _fail([f"--task: unknown task {e.task!r}", f"known tasks: {', '.join(TASKS)}"])
+    except EvalInputError as e:
+        _fail([f"--file: {e.problems[0]}", *e.problems[1:]])
+    if fewshot_file is not None:
+        try:
+            check_eval_file(task, fewshot_file)
+        except EvalInputError as e:
+            _fail([f"--fewshot-file: {e.problems[0]}", *e.problems[1:]])
+    request = EvalRequest(task=task, file=file, limit=limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file)
+    try:
+        check_request(request)
+    except EvalInputError as e:  # the options: "limit: ...", "num_fewshot: ...", or too few few-shot examples
+        options = {"limit": "--limit", "num_fewshot": "--num-fewshot"}
+        name, _, rest = e.problems[0].partition(": ")
+        _fail([f"{options[name]}: {rest}" if name in options else f"--fewshot-file: {e.problems[0]}",
+               *e.problems[1:]])
+    if batch_size < 1:
+        _fail([f"--batch-size: expected a positive integer, got {batch_size}"])
+    if max_length is not None and max_length < 2:
+        _fail([f"--max-length: expected an integer >= 2, got {max_length}"])
+
+    from lomo_core.evals import evaluate, load_model
+
+    try:
+        lm, tokenizer = load_model(model)
+    except EvalInputError as e:
+        _fail([f"--model: {e.problems[0].removeprefix('model: ')}"])
+    except Exception as e:  # an unreadable checkpoint: say what it was; the traceback only on request
+        if os.environ.get("LOMO_DEBUG"):
+            raise
+        _fail([f"--model: cannot load {model}: {type(e).__name__}: {e}"], code=1)
+    try:
+        scores = evaluate(lm, tokenizer, [request], model_ref=str(model), max_length=max_length,
+                          batch_size=batch_size)
+    except Exception as e:
+        if os.environ.get("LOMO_DEBUG"):
+            raise
+        _fail([f"evaluation stopped: {type(e).__name__}: {e}", "set LOMO_DEBUG=1 for the traceback"], code=1)
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in scores], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("task", "metric", "value", "examples", "truncated"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for s in scores:
+        value = f"{s.value:.4f}" if abs(s.value) < 1e6 else f"{s.value:.4g}"
+        table.add_row(s.task, s.metric, value, str(s.examples), str(s.truncated))
+    out.print(table)
 
 
 @app.command()

@@ -100,6 +100,7 @@ class JobObject(BaseModel):
     predicted_memory: dict[str, Any] | None
     gpus: int
     priority: int
+    evals: list[dict[str, Any]]
 
     @classmethod
     def of(cls, job: Job) -> JobObject:
@@ -117,6 +118,7 @@ class JobObject(BaseModel):
             estimated_finish=unix(job.estimated_finish), error=error, result_files=job.result_files or [],
             metadata=job.metadata_ or {}, cancel_requested=bool(job.cancel_requested), attempt=job.attempt or 0,
             predicted_memory=job.predicted_memory, gpus=job.gpus or 1, priority=job.priority or 0,
+            evals=job.evals or [],
         )
 
 
@@ -196,13 +198,14 @@ class EvalObject(BaseModel):
     metric: str
     value: float
     examples: int
+    truncated: int
     model: str
     created_at: int
 
     @classmethod
     def of(cls, row: EvalResult) -> EvalObject:
         return cls(task=row.task, split=row.split, metric=row.metric, value=row.value, examples=row.examples,
-                   model=row.model_ref, created_at=unix(row.created_at))
+                   truncated=row.truncated or 0, model=row.model_ref, created_at=unix(row.created_at))
 
 
 class EvalList(BaseModel):

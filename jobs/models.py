@@ -78,6 +78,8 @@ class Job(Base):
     #: jobs behind this one in the queue that started while it waited for GPUs (backfill); at
     #: ``LOMO_BACKFILL_LIMIT`` nothing behind it starts any more on its node
     bypassed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: evaluations asked for: [{task, file (an uploaded file id), limit, num_fewshot, fewshot_file}]
+    evals: Mapped[list[Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Claim and liveness: which worker runs the job, since when it was last heard of, which attempt.
     claimed_by: Mapped[str | None] = mapped_column(String(200))
@@ -149,6 +151,7 @@ class EvalResult(Base):
     value: Mapped[float] = mapped_column(Float)
     examples: Mapped[int] = mapped_column(Integer)
     model_ref: Mapped[str] = mapped_column(String(200))  # base | fine_tuned | checkpoint step-N
+    truncated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # inputs cut to fit
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

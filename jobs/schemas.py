@@ -40,6 +40,19 @@ Hyperparameters = create_model(  # type: ignore[call-overload]
 Method = Literal["lomo", "adalomo", "sgd", "adamw"]
 
 
+class EvalSpec(BaseModel):
+    """One evaluation of a job: the base model before training and the fine-tuned one after."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=64, description="boolq | cb | copa | rte | wic | wsc | multirc | "
+                                                               "perplexity | lambada")
+    file: str = Field(min_length=1, max_length=64, description="id of an uploaded file (purpose 'eval')")
+    limit: int | None = Field(None, ge=1, description="score the first N examples only")
+    num_fewshot: int = Field(0, ge=0, le=64, description="labelled examples before each prompt")
+    fewshot_file: str | None = Field(None, max_length=64, description="id of the file few-shot examples come from")
+
+
 class JobCreate(BaseModel):
     """``POST /v1/fine_tuning/jobs``."""
 
@@ -58,6 +71,9 @@ class JobCreate(BaseModel):
                                                            "a priority")
     gpus: int | None = Field(None, ge=1, le=64, description="pin the number of GPUs (default: the fewest that "
                                                              "hold the job, from the memory model)")
+    evals: list[EvalSpec] = Field(default_factory=list, max_length=16,
+                                  description="evaluations run on the base model before training and on the "
+                                              "fine-tuned model after")
 
     @field_validator("metadata")
     @classmethod
@@ -75,4 +91,4 @@ class JobCreate(BaseModel):
         return self.hyperparameters.model_dump(exclude_none=True)  # type: ignore[attr-defined]
 
 
-FilePurpose = Literal["fine-tune"]
+FilePurpose = Literal["fine-tune", "eval"]

@@ -101,7 +101,10 @@ def store_file(
     checked_path = upload.with_suffix(suffix)  # the reader tells .txt from JSON by the suffix
     os.replace(upload, checked_path)
     try:
-        check = check_file(checked_path, max_example_chars=settings.max_example_chars)
+        if purpose == "eval":  # its task is known at submission, where its fields are checked
+            check = _check_eval_upload(checked_path)
+        else:
+            check = check_file(checked_path, max_example_chars=settings.max_example_chars)
     except DataError as e:
         checked_path.unlink(missing_ok=True)
         raise InvalidRequest([Problem("file", str(e))], code="invalid_file") from None
@@ -124,6 +127,87 @@ def store_file(
     session.add(row)
     session.flush()
     return row
+
+
+@dataclass
+class _EvalUploadCheck:
+    records: int
+    errors: list[tuple[int, str]]
+    truncated_errors: bool = False
+    format: str = "eval"
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _check_eval_upload(path: Path, max_errors: int = 20) -> _EvalUploadCheck:
+    """An evaluation file at upload: text, or one JSON object per line (.jsonl). Which fields it needs
+    depends on the task, so they are checked when a job names it (``lomo_core.evals.check_eval_file``)."""
+    import json
+
+    records, errors = 0, []
+    with path.open(encoding="utf-8", errors="strict") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                records += 1
+                if path.suffix == ".jsonl":
+                    try:
+                        value = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        errors.append((number, f"invalid JSON: {e.msg}"))
+                        continue
+                    if not isinstance(value, dict):
+                        errors.append((number, "expected a JSON object"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path.name}: not UTF-8 text") from None
+    if path.suffix == ".json":
+        raise DataError("an evaluation file is .jsonl (one example per line) or .txt")
+    return _EvalUploadCheck(records, errors[:max_errors], len(errors) > max_errors)
+
+
+def _checked_evals(session: Session, settings: Settings, owner: str, request: JobCreate,
+                   problems: list[Problem]) -> list[dict[str, Any]]:
+    """The job's evaluations with their files checked for their task (every problem names
+    ``evals[i].field`` and, for a file, its line)."""
+    from lomo_core.evals import TASKS, EvalInputError, EvalRequest, UnknownTaskError, check_eval_file, check_request
+
+    checked = []
+    for index, spec in enumerate(request.evals):
+        where = f"evals[{index}]"
+        if spec.task not in TASKS:
+            problems.append(Problem(f"{where}.task", f"unknown task {spec.task!r}; known: {', '.join(TASKS)}"))
+            continue
+        paths: dict[str, Path | None] = {"file": None, "fewshot_file": None}
+        for name in paths:
+            ident = getattr(spec, name)
+            if ident is None:
+                continue
+            try:
+                paths[name] = file_path(settings, get_file(session, owner, ident))
+            except NotFound:
+                problems.append(Problem(f"{where}.{name}", f"no uploaded file with id {ident!r}"))
+                continue
+            try:
+                check_eval_file(spec.task, paths[name])
+            except UnknownTaskError:
+                pass
+            except EvalInputError as e:
+                problems += [Problem(f"{where}.{name}", f"file {ident}: {p.replace(str(paths[name]), ident)}")
+                             for p in e.problems]
+                paths[name] = None
+        if paths["file"] is None:
+            continue
+        try:
+            check_request(EvalRequest(spec.task, paths["file"], spec.limit, spec.num_fewshot, paths["fewshot_file"]))
+        except EvalInputError as e:
+            problems += [Problem(f"{where}.{p.partition(':')[0]}" if p.partition(":")[0] in ("limit", "num_fewshot")
+                                 else f"{where}.fewshot_file", p) for p in e.problems]
+            continue
+        checked.append(spec.model_dump())
+    return checked
 
 
 def get_file(session: Session, owner: str, file_id: str) -> File:
@@ -287,6 +371,7 @@ def _checked_request(session: Session, settings: Settings, owner: str, request: 
         known = registered_models(settings)
         problems.append(Problem("model", f"{request.model!r} is neither a model folder (with config.json) nor "
                                          f"a registered model" + (f" ({', '.join(known)})" if known else "")))
+    evals = _checked_evals(session, settings, owner, request, problems)
     _device, count, _bytes = deployment_inventory(session, settings)
     if request.gpus is not None and _device == "cuda" and request.gpus > count:
         problems.append(Problem("gpus", f"{request.gpus} GPUs asked for; a node of this deployment has {count}"))
@@ -296,12 +381,12 @@ def _checked_request(session: Session, settings: Settings, owner: str, request: 
     values = train_config_values(settings, job_id, model, request.method, request.hyperparameter_values(),
                                  file_path(settings, train), file_path(settings, val) if val else None,
                                  gpus=request.gpus or 1)
-    return model, train, val, check_train_config(values)
+    return model, train, val, check_train_config(values), evals
 
 
 def estimate_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> dict[str, Any]:
     """``POST /v1/estimates``: what a job would need, without creating it."""
-    model, _train, _val, resolved = _checked_request(session, settings, owner, request, "estimate")
+    model, _train, _val, resolved, _evals = _checked_request(session, settings, owner, request, "estimate")
     return predict_memory(session, settings, model, resolved, request.gpus)
 
 
@@ -311,7 +396,7 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
     A job the memory model says cannot fit on all the devices of a node is refused; with a pinned GPU
     count that the model says is too few, the job is accepted with a warning."""
     job_id = new_id("ftjob")
-    model, train, val, resolved = _checked_request(session, settings, owner, request, job_id)
+    model, train, val, resolved, evals = _checked_request(session, settings, owner, request, job_id)
     prediction = predict_memory(session, settings, model, resolved, request.gpus)
     if prediction.get("available") and not prediction["fits"] and request.gpus is None:
         raise InvalidRequest([Problem("model", f"the job cannot fit on this deployment: it {prediction['reason']}; "
@@ -323,7 +408,7 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
         training_file_id=train.id, validation_file_id=val.id if val else None, method=request.method,
         hyperparameters={name: resolved[name] for name in HYPERPARAMETERS}, suffix=request.suffix,
         metadata_=dict(request.metadata), created_at=now_utc(), predicted_memory=prediction,
-        gpus=request.gpus or prediction.get("gpus") or 1, priority=request.priority,
+        gpus=request.gpus or prediction.get("gpus") or 1, priority=request.priority, evals=evals or None,
     )
     session.add(job)
     session.flush()
@@ -508,6 +593,9 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
             add_event(session, job_id, f"checkpoint saved at step {step}", data=payload)
         elif kind == "event":
             add_event(session, job_id, payload.get("message", ""), payload.get("level", "info"))
+        elif kind == "eval":
+            record_eval(session, job_id, payload["task"], payload["split"], payload["metric"], float(payload["value"]),
+                        int(payload["examples"]), payload["model_ref"], int(payload.get("truncated", 0)))
     job.heartbeat_at = now
     _update_estimate(job, now)
     return bool(job.cancel_requested)
@@ -551,6 +639,6 @@ def finish_job(session: Session, job_id: str, outcome: Outcome) -> bool:
 
 
 def record_eval(session: Session, job_id: str, task: str, split: str, metric: str, value: float, examples: int,
-                model_ref: str) -> None:
+                model_ref: str, truncated: int = 0) -> None:
     session.add(EvalResult(job_id=job_id, task=task, split=split, metric=metric, value=value,
-                           examples=examples, model_ref=model_ref, created_at=now_utc()))
+                           examples=examples, model_ref=model_ref, truncated=truncated, created_at=now_utc()))

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from lomo_core.errors import classify
@@ -42,7 +43,7 @@ class PipeSink:
         pass
 
 
-def _run_ranks(config: Any, sink: PipeSink) -> int:
+def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
     """Several ranks (``lomo_core.zero3.launch``): rank 0 writes metrics.jsonl, which is followed here
     and passed on line by line; SIGTERM stops the ranks (torch.distributed.run ends them all)."""
     import threading
@@ -82,11 +83,42 @@ def _run_ranks(config: Any, sink: PipeSink) -> int:
         return 1
     finished.set()
     follower.join()
+    _evaluate(evals, summary.get("model_dir"), "fine_tuned", config, sink)
     sink.emit("done", summary["steps"], {
         "model_dir": summary.get("model_dir"), "steps": summary["steps"], "val_loss": summary.get("val_loss"),
         "trained_tokens": summary.get("trained_tokens"), "seconds": summary.get("seconds"),
     })
     return 0
+
+
+def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, config: Any, sink: PipeSink) -> None:
+    """The job's evaluations (``evals.json`` beside its config) on one model folder: a progress event
+    per task and an ``eval`` record per metric. A failed evaluation is a warning; training goes on."""
+    if not requests or model_dir is None:
+        return
+    from lomo_core.evals import EvalRequest, evaluate, load_model
+
+    try:
+        import torch
+
+        device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_model(model_dir, device=device)
+        batch = [EvalRequest(r["task"], r["file"], r.get("limit"), r.get("num_fewshot") or 0, r.get("fewshot_file"))
+                 for r in requests]
+
+        def progress(task: str, index: int, total: int) -> None:
+            sink.emit("event", 0, {"message": f"evaluating the {model_ref.replace('_', '-')} model: {task} "
+                                              f"({index + 1} of {total})"})
+
+        scores = evaluate(model, tokenizer, batch, model_ref=model_ref, on_task=progress)
+    except Exception as error:  # noqa: BLE001 - reported, and the job goes on
+        sink.emit("event", 0, {"message": f"evaluation of the {model_ref} model failed: {type(error).__name__}: "
+                                          f"{error}", "level": "warning"})
+        traceback.print_exc(file=sys.stderr)
+        return
+    for score in scores:
+        sink.emit("eval", 0, score.to_dict())
+    del model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
         with open(args.config, encoding="utf-8") as f:
             config = load_config(json.load(f))
+        evals_path = Path(args.config).with_name("evals.json")
+        evals = json.loads(evals_path.read_text()) if evals_path.is_file() else []
+        if evals and config.resume_from is None:
+            _evaluate(evals, config.model, "base", config, sink)
         if config.nproc > 1:
-            return _run_ranks(config, sink)
+            code = _run_ranks(config, sink, evals)
+            return code
         result = train(config, sinks=[sink])
+        _evaluate(evals, result.model_dir, "fine_tuned", config, sink)
         sink.emit("done", result.steps, {
             "model_dir": str(result.model_dir) if result.model_dir else None, "steps": result.steps,
             "val_loss": result.val_loss, "trained_tokens": result.trained_tokens, "seconds": result.seconds,

@@ -136,6 +136,20 @@ class JobRunner:
                                                  paths["training_file"], paths["validation_file"], gpus=job.gpus)
         output_dir = Path(values["output_dir"])
         output_dir.mkdir(parents=True, exist_ok=True)
+        evals = []
+        with self.db.session() as session:
+            for spec in session.get(Job, job_id).evals or []:
+                resolved = dict(spec)
+                for name in ("file", "fewshot_file"):
+                    if spec.get(name):
+                        row = session.get(File, spec[name])
+                        path = service.file_path(settings, row)
+                        if row.deleted_at is not None or not path.is_file():
+                            return service.Outcome(JobStatus.FAILED, "file_not_found",
+                                                   f"file {spec[name]} is gone from {path.parent}", "evals")
+                        resolved[name], names[str(path)] = str(path), spec[name]
+                evals.append(resolved)
+        (output_dir / "evals.json").write_text(json.dumps(evals, indent=2))
         config_path = output_dir / "job-config.json"
         config_path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
                                           indent=2))

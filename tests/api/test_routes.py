@@ -319,3 +319,44 @@ def test_with_no_gpus_declared_the_api_places_jobs_on_the_gpus_its_workers_regis
         assert answer["device_bytes"] == 24 * 1024**3
         error = error_of(client.post("/v1/fine_tuning/jobs", json={**body, "gpus": 8}), 422)
         assert error["param"] == "gpus" and "has 4" in error["message"]
+
+
+BOOLQ = b"".join(json.dumps({"question": f"is it {i}", "passage": f"it is {i}.", "label": i % 2 == 0, "idx": i})
+                 .encode() + b"\n" for i in range(4))
+
+
+def test_a_job_asks_for_evaluations_on_uploaded_eval_files(client, tiny_model_dir, file_id):
+    refused = error_of(upload(client, BOOLQ, "boolq.jsonl"), 422)  # not training data...
+    assert refused["code"] == "invalid_file"
+    eval_file = upload(client, BOOLQ, "boolq.jsonl", purpose="eval").json()  # ...but an evaluation file
+    assert eval_file["purpose"] == "eval"
+    evals = [{"task": "boolq", "file": eval_file["id"], "limit": 2}]
+    job = create(client, tiny_model_dir, file_id, evals=evals).json()
+    assert job["evals"] == [{"task": "boolq", "file": eval_file["id"], "limit": 2, "num_fewshot": 0,
+                             "fewshot_file": None}]
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["evals"] == job["evals"]
+
+
+def test_a_bad_evaluation_is_refused_at_submission_naming_the_task_or_the_line(client, tiny_model_dir, file_id):
+    unknown = error_of(create(client, tiny_model_dir, file_id, evals=[{"task": "hellaswag", "file": file_id}]), 422)
+    assert unknown["param"] == "evals[0].task" and "'hellaswag'" in unknown["message"] and "boolq" in unknown["message"]
+    lines = BOOLQ.splitlines()
+    broken = lines[0] + b"\n" + json.dumps({"question": "q", "label": True}).encode() + b"\n" + b"{oops\n"
+    bad = upload(client, broken, "bad.jsonl", purpose="eval")
+    error = error_of(bad, 422)  # bad JSON is caught at upload, with its line
+    assert "line 3" in error["message"]
+    missing = upload(client, lines[0] + b"\n" + json.dumps({"question": "q", "label": True}).encode() + b"\n",
+                     "missing.jsonl", purpose="eval").json()["id"]
+    answer = client.post("/v1/fine_tuning/jobs", json={
+        "model": str(tiny_model_dir), "training_file": file_id,
+        "evals": [{"task": "copa", "file": missing}, {"task": "boolq", "file": missing}]})
+    error = error_of(answer, 422)
+    problems = [error, *error.get("details", [])]
+    params = {p["param"] for p in problems}
+    assert {"evals[0].file", "evals[1].file"} <= params
+    text = " ".join(p["message"] for p in problems)
+    assert "line 2" in text and "passage" in text and missing in text
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+    few = error_of(create(client, tiny_model_dir, file_id,
+                          evals=[{"task": "boolq", "file": file_id, "num_fewshot": 2}]), 422)
+    assert few["param"].startswith("evals[0].")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import textwrap
@@ -29,7 +30,7 @@ def env(tmp_path):
     return settings, database(url)
 
 
-def submit(settings, db, model, data_path=None, content=None, gpus=None, priority=0, **hyper) -> str:
+def submit(settings, db, model, data_path=None, content=None, gpus=None, priority=0, evals=None, **hyper) -> str:
     upload = settings.data_dir / "up.part"
     upload.parent.mkdir(parents=True, exist_ok=True)
     if data_path is not None:
@@ -41,7 +42,7 @@ def submit(settings, db, model, data_path=None, content=None, gpus=None, priorit
         row = service.store_file(s, settings, "ann", name, "fine-tune", upload)
         job = service.create_job(s, settings, "ann", JobCreate(model=str(model), training_file=row.id,
                                                                hyperparameters=hyper, gpus=gpus,
-                                                               priority=priority))
+                                                               priority=priority, evals=evals or []))
     return job.id
 
 
@@ -237,3 +238,42 @@ def test_the_queue_runs_higher_priority_first_then_first_come(env, tmp_path, tin
     started = sorted((job_row(db, j).started_at, j) for j in (low, high_first, high_second))
     assert [j for _, j in started] == [high_first, high_second, low]
     assert all(job_row(db, j).attempt == 1 for j in (low, high_first, high_second))
+
+
+def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tmp_path):
+    """Trained on a small learnable text, the held-out loss of that text falls; a SuperGLUE task (COPA)
+    is scored on both models, and the base model's score is what lm-eval gives run directly."""
+    from lomo_core.evals import EvalRequest, evaluate, load_model
+
+    settings, db = env
+    copa = need_shared(STORIES.parents[1] / "data" / "superglue" / "COPA" / "val.jsonl")
+    lines = [f"the {c} sat on the {m}." for c in ("cat", "dog", "hen", "fox") for m in ("mat", "rug", "bed")]
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(f"the {c} sat on the mat." for c in ("owl", "pig", "cow", "ram")) + "\n")
+
+    def store(path, purpose):
+        upload = settings.data_dir / "up.part"
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, upload)
+        with db.session() as s:
+            return service.store_file(s, settings, "ann", path.name, purpose, upload).id
+
+    text_id, copa_id = store(held_out, "eval"), store(copa, "eval")
+    job_id = submit(settings, db, need_shared(STORIES), content="".join(json.dumps({"text": line}) + "\n"
+                                                                         for line in lines * 4),
+                    max_steps=12, batch_size=8, max_seq_len=32, lr=2e-2,
+                    evals=[{"task": "perplexity", "file": text_id}, {"task": "copa", "file": copa_id, "limit": 6}])
+    assert JobRunner(settings, db).run(job_id) == "succeeded", job_row(db, job_id).error_message
+    with db.session() as s:
+        rows = s.query(EvalResult).filter_by(job_id=job_id).all()
+        events, _ = service.list_events(s, "ann", job_id, limit=200)
+    scores = {(r.task, r.metric, r.model_ref): r for r in rows}
+    assert scores[("perplexity", "loss", "fine_tuned")].value < scores[("perplexity", "loss", "base")].value
+    assert scores[("perplexity", "loss", "base")].examples == 4
+    assert scores[("copa", "acc", "base")].examples == 6 and scores[("copa", "acc", "fine_tuned")].examples == 6
+    model, tokenizer = load_model(STORIES)
+    direct = evaluate(model, tokenizer, [EvalRequest("copa", copa, limit=6)], model_ref="base")
+    assert scores[("copa", "acc", "base")].value == next(d.value for d in direct if d.metric == "acc")
+    messages = [e.message for e in events]
+    assert any("evaluating the base model: copa (2 of 2)" in m for m in messages)
+    assert any("evaluating the fine-tuned model: perplexity (1 of 2)" in m for m in messages)

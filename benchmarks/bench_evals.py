@@ -9,6 +9,10 @@ second (MultiRC: answer options, which is what lm-eval calls documents).
 
     .venv/bin/python benchmarks/bench_evals.py --threads 1 --out docs/benchmarks-evals.md   # ~1-2 minutes
     .venv/bin/python benchmarks/bench_evals.py --limit 20 --tasks boolq,perplexity          # smoke
+
+With ``--job`` it also measures the time evaluations add to a job: the worker's training process
+(``python -m worker.runner``, as the service starts it) runs the same short fine-tuning job twice, without
+and with ``evals`` (the base model scored before training, the fine-tuned one after), wall clock each.
 """
 
 from __future__ import annotations
@@ -47,6 +51,44 @@ def git_revision() -> str:
         return "unknown"
 
 
+INSTRUCT = SHARED / "data" / "instruct" / "alpaca_en_demo.json"
+JOB_EVALS = ("boolq", "copa", "perplexity")
+
+
+def run_job(folder: Path, limit: int, threads: int | None, with_evals: bool) -> float:
+    """Wall seconds of one job's training process; with evals, the base and fine-tuned scoring too."""
+    import json
+    import threading
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model": str(STORIES), "data": str(INSTRUCT), "output_dir": str(folder / "out"), "max_steps": 20,
+              "batch_size": 4, "max_seq_len": 128, "lr": 5e-3, "device": "cpu"}
+    (folder / "job-config.json").write_text(json.dumps(config))
+    evals = [{"task": t, "file": str(FILES[t]), "limit": limit} for t in JOB_EVALS] if with_evals else []
+    (folder / "evals.json").write_text(json.dumps(evals))
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    tic = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "worker.runner", str(folder / "job-config.json"), "--fd",
+                              str(write_fd)], pass_fds=(write_fd,), cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(os.fdopen(read_fd, "rb")), daemon=True)
+    reader.start()
+    code = child.wait()
+    seconds = time.perf_counter() - tic
+    reader.join()
+    records = [json.loads(line) for line in lines if line.strip()]
+    final = records[-1] if records else {}
+    if code != 0 or final.get("kind") != "done":
+        raise SystemExit(f"the job's training process failed ({code}): {final}")
+    scored = sum(1 for r in records if r["kind"] == "eval")
+    if with_evals and scored == 0:
+        raise SystemExit("no evaluation was reported")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="default: the model's 512")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--job", action="store_true", help="also time a job with and without evaluations")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not STORIES.exists():
@@ -109,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
               "The scores are those of a 260K-parameter model trained on children's stories: near chance on "
               "SuperGLUE (MultiRC: it never calls an answer correct, hence F1a 0), by design of the model, not "
               "of the harness."]
+    if args.job:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = run_job(Path(tmp) / "plain", args.limit, args.threads, with_evals=False)
+            scored = run_job(Path(tmp) / "scored", args.limit, args.threads, with_evals=True)
+        lines += ["", "## Time evaluations add to a job", "",
+                  f"The worker's training process (`python -m worker.runner`) on stories260K, 20 LOMO steps of "
+                  f"batch 4 x 128 tokens on the Alpaca demo, without and with `evals` ({', '.join(JOB_EVALS)}, "
+                  f"first {args.limit} documents each), scored on the base model before training and on the "
+                  "fine-tuned model after. Wall clock of the whole process (start-up included).", "",
+                  "| job | seconds |", "| --- | ---: |",
+                  f"| training only | {plain:.1f} |", f"| training + evaluations | {scored:.1f} |",
+                  f"| added by the evaluations (2 models x {len(JOB_EVALS)} tasks) | {scored - plain:.1f} |"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

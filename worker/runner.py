@@ -91,34 +91,89 @@ def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
     return 0
 
 
-def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, config: Any, sink: PipeSink) -> None:
-    """The job's evaluations (``evals.json`` beside its config) on one model folder: a progress event
-    per task and an ``eval`` record per metric. A failed evaluation is a warning; training goes on."""
-    if not requests or model_dir is None:
-        return
+def _score(requests: list[dict[str, Any]], model_dir: str, model_ref: str, device: str, dtype: str,
+           emit: Any) -> None:
+    """Score ``model_dir`` on ``requests``; ``emit(kind, payload)`` gets a progress event per task and an
+    ``eval`` record per metric. The model is loaded in the job's dtype and freed at the end."""
+    import gc
+
+    import torch
+
     from lomo_core.evals import EvalRequest, evaluate, load_model
 
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    model, tokenizer = load_model(model_dir, device=device, dtype=torch_dtype)
+    batch = [EvalRequest(r["task"], r["file"], r.get("limit"), r.get("num_fewshot") or 0, r.get("fewshot_file"))
+             for r in requests]
+
+    def progress(task: str, index: int, total: int) -> None:
+        emit("event", {"message": f"evaluating the {model_ref.replace('_', '-')} model: {task} "
+                                  f"({index + 1} of {total})"})
+
     try:
-        import torch
+        for score in evaluate(model, tokenizer, batch, model_ref=model_ref, on_task=progress):
+            emit("eval", score.to_dict())
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
-        device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
-        model, tokenizer = load_model(model_dir, device=device)
-        batch = [EvalRequest(r["task"], r["file"], r.get("limit"), r.get("num_fewshot") or 0, r.get("fewshot_file"))
-                 for r in requests]
 
-        def progress(task: str, index: int, total: int) -> None:
-            sink.emit("event", 0, {"message": f"evaluating the {model_ref.replace('_', '-')} model: {task} "
-                                              f"({index + 1} of {total})"})
-
-        scores = evaluate(model, tokenizer, batch, model_ref=model_ref, on_task=progress)
-    except Exception as error:  # noqa: BLE001 - reported, and the job goes on
-        sink.emit("event", 0, {"message": f"evaluation of the {model_ref} model failed: {type(error).__name__}: "
-                                          f"{error}", "level": "warning"})
+def _score_in_child(requests: list[dict[str, Any]], model_dir: str, model_ref: str, device: str, dtype: str,
+                    connection: Any) -> None:
+    """:func:`_score` in a spawned process: its records go back through ``connection``."""
+    try:
+        _score(requests, model_dir, model_ref, device, dtype, lambda kind, payload: connection.send((kind, payload)))
+        connection.send(("ok", {}))
+    except BaseException as error:  # reported to the parent, which turns it into a warning
+        connection.send(("failed", {"message": f"{type(error).__name__}: {error}"}))
         traceback.print_exc(file=sys.stderr)
+    finally:
+        connection.close()
+
+
+def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, config: Any, sink: PipeSink) -> None:
+    """The job's evaluations (``evals.json`` beside its config) on one model folder. A failed evaluation is
+    a warning event; the job goes on.
+
+    With several ranks the scoring runs in a spawned process, so that this process (the ranks' parent)
+    never keeps a CUDA context or cached memory on a GPU the ranks train on."""
+    if not requests or model_dir is None:
         return
-    for score in scores:
-        sink.emit("eval", 0, score.to_dict())
-    del model
+    import torch
+
+    device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    args = (requests, str(model_dir), model_ref, device, config.dtype)
+    failure = None
+    if config.nproc > 1:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_score_in_child, args=(*args, sender), daemon=True)
+        child.start()
+        sender.close()
+        failure = "the evaluation process ended without a result"
+        while True:
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:
+                break
+            if kind in ("eval", "event"):
+                sink.emit(kind, 0, payload)
+            else:
+                failure = payload.get("message") if kind == "failed" else None
+        child.join()
+    else:
+        try:
+            _score(*args, lambda kind, payload: sink.emit(kind, 0, payload))
+        except Exception as error:  # reported, and the job goes on
+            failure = f"{type(error).__name__}: {error}"
+            traceback.print_exc(file=sys.stderr)
+    if failure:
+        sink.emit("event", 0, {"message": f"evaluation of the {model_ref.replace('_', '-')} model failed: {failure}",
+                               "level": "warning"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if evals and config.resume_from is None:
             _evaluate(evals, config.model, "base", config, sink)
         if config.nproc > 1:
-            code = _run_ranks(config, sink, evals)
-            return code
+            return _run_ranks(config, sink, evals)
         result = train(config, sinks=[sink])
         _evaluate(evals, result.model_dir, "fine_tuned", config, sink)
         sink.emit("done", result.steps, {

@@ -46,6 +46,17 @@ def submit(settings, db, model, data_path=None, content=None, gpus=None, priorit
     return job.id
 
 
+def store_eval_file(settings, db, path) -> str:
+    upload = settings.data_dir / "up.part"
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, upload)
+    with db.session() as s:
+        return service.store_file(s, settings, "ann", path.name, "eval", upload).id
+
+
+COPA = STORIES.parents[1] / "data" / "superglue" / "COPA" / "val.jsonl"
+
+
 def job_row(db, job_id) -> Job:
     with db.session() as s:
         return s.get(Job, job_id)
@@ -167,8 +178,10 @@ def test_a_child_killed_by_the_system_fails_the_job_with_the_likely_cause(env, t
 
 def test_a_job_on_two_ranks_runs_through_the_launcher_and_stores_each_ranks_memory(env):
     settings, db = env
+    copa = store_eval_file(settings, db, need_shared(COPA))
     job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), gpus=2, max_steps=4, batch_size=4,
-                    max_seq_len=64, lr=5e-3, validation_split=0.02, save_every=2)
+                    max_seq_len=64, lr=5e-3, validation_split=0.02, save_every=2,
+                    evals=[{"task": "copa", "file": copa, "limit": 4}])
     assert JobRunner(settings, db).run(job_id) == "succeeded"
     job = job_row(db, job_id)
     assert (job.gpus, job.step, job.total_steps) == (2, 4, 4) and job.trained_tokens > 0
@@ -182,6 +195,10 @@ def test_a_job_on_two_ranks_runs_through_the_launcher_and_stores_each_ranks_memo
         summary = service.memory_summary(s, "ann", job_id)
     assert [m["rank"] for m in summary["measured"]] == [0, 1]
     assert summary["predicted"]["available"] is True
+    with db.session() as s:  # scored in a spawned process, before the ranks start and after they end
+        rows = s.query(EvalResult).filter_by(job_id=job_id, task="copa").all()
+        scored = {(e.model_ref, e.metric): e.examples for e in rows}
+    assert scored == {("base", "acc"): 4, ("fine_tuned", "acc"): 4}
 
 
 def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(env, tmp_path, tiny_model_dir):
@@ -243,22 +260,17 @@ def test_the_queue_runs_higher_priority_first_then_first_come(env, tmp_path, tin
 def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tmp_path):
     """Trained on a small learnable text, the held-out loss of that text falls; a SuperGLUE task (COPA)
     is scored on both models, and the base model's score is what lm-eval gives run directly."""
-    from lomo_core.evals import EvalRequest, evaluate, load_model
+    import copy
+
+    from lomo_core.evals import EvalRequest, load_model, prepare_offline, task_config, token_counter
 
     settings, db = env
-    copa = need_shared(STORIES.parents[1] / "data" / "superglue" / "COPA" / "val.jsonl")
+    copa = need_shared(COPA)
     lines = [f"the {c} sat on the {m}." for c in ("cat", "dog", "hen", "fox") for m in ("mat", "rug", "bed")]
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("\n".join(f"the {c} sat on the mat." for c in ("owl", "pig", "cow", "ram")) + "\n")
 
-    def store(path, purpose):
-        upload = settings.data_dir / "up.part"
-        upload.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, upload)
-        with db.session() as s:
-            return service.store_file(s, settings, "ann", path.name, purpose, upload).id
-
-    text_id, copa_id = store(held_out, "eval"), store(copa, "eval")
+    text_id, copa_id = store_eval_file(settings, db, held_out), store_eval_file(settings, db, copa)
     job_id = submit(settings, db, need_shared(STORIES), content="".join(json.dumps({"text": line}) + "\n"
                                                                          for line in lines * 4),
                     max_steps=12, batch_size=8, max_seq_len=32, lr=2e-2,
@@ -271,9 +283,21 @@ def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tm
     assert scores[("perplexity", "loss", "fine_tuned")].value < scores[("perplexity", "loss", "base")].value
     assert scores[("perplexity", "loss", "base")].examples == 4
     assert scores[("copa", "acc", "base")].examples == 6 and scores[("copa", "acc", "fine_tuned")].examples == 6
+    # the base model's scores are what lm-eval's simple_evaluate gives on the same model, files and configs
+    prepare_offline()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     model, tokenizer = load_model(STORIES)
-    direct = evaluate(model, tokenizer, [EvalRequest("copa", copa, limit=6)], model_ref="base")
-    assert scores[("copa", "acc", "base")].value == next(d.value for d in direct if d.metric == "acc")
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=8)
+    for request, metrics in ((EvalRequest("copa", copa, limit=6), ["acc"]),
+                             (EvalRequest("perplexity", held_out), ["word_perplexity", "bits_per_byte"])):
+        config = task_config(request, tmp_path / "direct" / request.task, count_tokens=token_counter(lm))
+        results = lm_eval.simple_evaluate(model=lm, tasks=[config], limit=request.limit, bootstrap_iters=0,
+                                          task_manager=TaskManager(include_defaults=False))["results"]
+        for metric in metrics:
+            assert scores[(request.task, metric, "base")].value == results[f"lomo_{request.task}"][f"{metric},none"]
     messages = [e.message for e in events]
     assert any("evaluating the base model: copa (2 of 2)" in m for m in messages)
     assert any("evaluating the fine-tuned model: perplexity (1 of 2)" in m for m in messages)

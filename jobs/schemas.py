@@ -51,6 +51,8 @@ class EvalSpec(BaseModel):
     limit: int | None = Field(None, ge=1, description="score the first N examples only")
     num_fewshot: int = Field(0, ge=0, le=64, description="labelled examples before each prompt")
     fewshot_file: str | None = Field(None, max_length=64, description="id of the file few-shot examples come from")
+    at_checkpoints: bool = Field(False, description="also score the model at each checkpoint (one-GPU jobs), "
+                                                    "on the weights in memory")
 
 
 class JobCreate(BaseModel):

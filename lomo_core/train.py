@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,7 +392,10 @@ def _restore(run: Run, folder: Path, state: dict[str, Any]) -> None:
         state = {**state, "optimizer": mine["optimizer"], "rng": mine["rng"]}
     run.optimizer.load_state_dict(state["optimizer"])
     run.position = Position(**state["position"])
-    rng = state["rng"]
+    _set_rng_state(state["rng"])
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -406,7 +409,31 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def fit(run: Run, sink: MetricSink) -> TrainResult:
+#: called after each checkpoint is saved with (model, tokenizer, step): e.g. the job's evaluations on
+#: the in-memory model (no second copy of the weights)
+CheckpointCallback = Callable[[Any, Any, int], None]
+
+
+def _at_checkpoint(run: Run, callback: CheckpointCallback | None, sink: MetricSink) -> None:
+    """``callback`` on the model as saved, under no_grad, leaving the RNG and the training mode as they
+    were, so that a run with it trains exactly like one without it."""
+    if callback is None:
+        return
+    if run.ranks.distributed:  # the parameters are partitioned: nothing whole to score in this process
+        if run.ranks.main and run.position.step == run.config.save_every:
+            sink.write("event", run.position.step, {"message": "checkpoint evaluations skipped: the model is "
+                                                               "partitioned over ranks", "level": "warning"})
+        return
+    rng = _rng_state()
+    try:
+        with torch.no_grad():
+            callback(run.model, run.tokenizer, run.position.step)
+    finally:
+        run.model.train()
+        _set_rng_state(rng)
+
+
+def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
     config, pos = run.config, run.position
     meter = StepMemoryMeter(run.model, run.optimizer, run.device)
     track_every_step = run.device.type == "cuda"
@@ -454,6 +481,7 @@ def fit(run: Run, sink: MetricSink) -> TrainResult:
                 sink.write("val", pos.step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))})
             if config.save_every and pos.step % config.save_every == 0:
                 sink.write("checkpoint", pos.step, {"path": str(save_checkpoint(run))})
+                _at_checkpoint(run, on_checkpoint, sink)
         else:
             pos.epoch, pos.index = pos.epoch + 1, 0
 
@@ -492,8 +520,10 @@ def _per_rank(run: Run, report: dict[str, Any]) -> list[dict[str, Any]]:
     return reports
 
 
-def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = ()) -> TrainResult:
-    """Run a whole training job. ``config`` may be a TrainConfig or a plain dict of its fields."""
+def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = (),
+          on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
+    """Run a whole training job. ``config`` may be a TrainConfig or a plain dict of its fields;
+    ``on_checkpoint(model, tokenizer, step)`` runs after each checkpoint (one process only)."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     from transformers.utils import logging as hf_logging
@@ -504,6 +534,6 @@ def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = ()
     main = ranks_from_env().main
     sink = MultiSink([JsonlSink(config.output_dir / "metrics.jsonl"), *sinks] if main else [])
     try:
-        return fit(setup(config), sink)
+        return fit(setup(config), sink, on_checkpoint)
     finally:
         sink.close()

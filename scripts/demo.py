@@ -1,7 +1,8 @@
 """`make demo`: start the service on its zero-configuration default (SQLite, a SQLite broker, one worker
 beside the API), submit a real LOMO fine-tuning job of stories260K through the REST API, follow it with a
-progress bar, then show the loss curve, the measured memory, the evaluation and a generation before /
-after. Everything goes through HTTP, as a lab script would.
+progress bar, then show the loss curve, the measured memory, the evaluations (COPA and LAMBADA through
+lm-eval, base model before and fine-tuned model after) and a generation before / after. Everything goes
+through HTTP, as a lab script would.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MODELS = SHARED / "models"
 DATA = SHARED / "data" / "instruct" / "alpaca_en_demo.json"
+EVALS = {"copa": (SHARED / "data" / "superglue" / "COPA" / "val.jsonl", 100),
+         "lambada": (SHARED / "data" / "text" / "lambada_openai.jsonl", 200)}
 HOME = ROOT / "runs" / "demo"
 console = Console()
 
@@ -119,10 +122,10 @@ def show(client: LomoClient, job: dict) -> None:
     console.print(mem)
 
     evals = Table(title="evaluation (/evals)")
-    for col in ("task", "metric", "model", "value", "examples"):
+    for col in ("task", "metric", "model", "value", "examples", "truncated"):
         evals.add_column(col)
-    for e in client.evals(job_id):
-        evals.add_row(e["task"], e["metric"], e["model"], f"{e['value']:.4f}", str(e["examples"]))
+    for e in sorted(client.evals(job_id), key=lambda e: (e["task"], e["metric"], e["model"] != "base")):
+        evals.add_row(e["task"], e["metric"], e["model"], f"{e['value']:.4g}", str(e["examples"]), str(e["truncated"]))
     console.print(evals)
 
     console.print("[bold]events:[/]")
@@ -150,8 +153,14 @@ def main() -> int:
         wait_healthy(client, server)
         file = client.upload_file(DATA)
         console.print(f"POST /v1/files -> {file['id']}: {file['records']} records ({file['format']})")
+        evals = []
+        for task, (path, limit) in EVALS.items():
+            if path.is_file():
+                uploaded = client.upload_file(path, purpose="eval")
+                console.print(f"POST /v1/files (purpose=eval) -> {uploaded['id']}: {task}, first {limit} examples")
+                evals.append({"task": task, "file": uploaded["id"], "limit": limit})
         job = client.create_job("stories260K", file["id"], method="lomo", hyperparameters=HYPERPARAMETERS,
-                                metadata={"source": "make demo"})
+                                metadata={"source": "make demo"}, evals=evals)
         console.print(f"POST /v1/fine_tuning/jobs -> {job['id']} ({job['status']})")
         job = follow(client, job["id"])
         if job["status"] != "succeeded":

@@ -99,10 +99,22 @@ def _score(requests: list[dict[str, Any]], model_dir: str, model_ref: str, devic
 
     import torch
 
-    from lomo_core.evals import EvalRequest, evaluate, load_model
+    from lomo_core.evals import load_model
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     model, tokenizer = load_model(model_dir, device=device, dtype=torch_dtype)
+    try:
+        _score_model(model, tokenizer, requests, model_ref, emit)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _score_model(model: Any, tokenizer: Any, requests: list[dict[str, Any]], model_ref: str, emit: Any) -> None:
+    from lomo_core.evals import EvalRequest, evaluate
+
     batch = [EvalRequest(r["task"], r["file"], r.get("limit"), r.get("num_fewshot") or 0, r.get("fewshot_file"))
              for r in requests]
 
@@ -110,14 +122,27 @@ def _score(requests: list[dict[str, Any]], model_dir: str, model_ref: str, devic
         emit("event", {"message": f"evaluating the {model_ref.replace('_', '-')} model: {task} "
                                   f"({index + 1} of {total})"})
 
-    try:
-        for score in evaluate(model, tokenizer, batch, model_ref=model_ref, on_task=progress):
-            emit("eval", score.to_dict())
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    for score in evaluate(model, tokenizer, batch, model_ref=model_ref, on_task=progress):
+        emit("eval", score.to_dict())
+
+
+def _checkpoint_scorer(requests: list[dict[str, Any]], sink: PipeSink) -> Any:
+    """The training loop's ``on_checkpoint``: the evaluations marked ``at_checkpoints`` on the in-memory
+    model (no second copy of the weights), as ``checkpoint-<step>``. A failure is a warning."""
+    chosen = [r for r in requests if r.get("at_checkpoints")]
+    if not chosen:
+        return None
+
+    def score(model: Any, tokenizer: Any, step: int) -> None:
+        try:
+            _score_model(model, tokenizer, chosen, f"checkpoint-{step}", lambda kind, payload: sink.emit(kind, step,
+                                                                                                        payload))
+        except Exception as error:  # reported, and training goes on
+            sink.emit("event", step, {"message": f"evaluation at checkpoint {step} failed: {type(error).__name__}: "
+                                                 f"{error}", "level": "warning"})
+            traceback.print_exc(file=sys.stderr)
+
+    return score
 
 
 def _score_in_child(requests: list[dict[str, Any]], model_dir: str, model_ref: str, device: str, dtype: str,
@@ -201,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(evals, config.model, "base", config, sink)
         if config.nproc > 1:
             return _run_ranks(config, sink, evals)
-        result = train(config, sinks=[sink])
+        result = train(config, sinks=[sink], on_checkpoint=_checkpoint_scorer(evals, sink))
         _evaluate(evals, result.model_dir, "fine_tuned", config, sink)
         sink.emit("done", result.steps, {
             "model_dir": str(result.model_dir) if result.model_dir else None, "steps": result.steps,

@@ -333,7 +333,7 @@ def test_a_job_asks_for_evaluations_on_uploaded_eval_files(client, tiny_model_di
     evals = [{"task": "boolq", "file": eval_file["id"], "limit": 2}]
     job = create(client, tiny_model_dir, file_id, evals=evals).json()
     assert job["evals"] == [{"task": "boolq", "file": eval_file["id"], "limit": 2, "num_fewshot": 0,
-                             "fewshot_file": None}]
+                             "fewshot_file": None, "at_checkpoints": False}]
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["evals"] == job["evals"]
 
 

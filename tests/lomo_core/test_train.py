@@ -220,3 +220,34 @@ def test_cli_reports_an_unexpected_failure_without_a_traceback(base, tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "error:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_checkpoint_callback_sees_the_saved_model_and_leaves_training_unchanged(base, tmp_path, monkeypatch):
+    """With dropout on, training depends on the RNG and on the training mode: a callback that draws random
+    numbers and switches the model to eval mode must leave the run exactly as it was without it."""
+    import random
+    import shutil
+
+    folder = tmp_path / "dropout-model"
+    shutil.copytree(need_shared(STORIES), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    settings = {**base, "model": folder, "max_steps": 4, "save_every": 2}
+    plain = train({**settings, "output_dir": tmp_path / "plain"})
+    calls = []
+
+    def callback(model, tokenizer, step):
+        assert not torch.is_grad_enabled()
+        calls.append((step, model.training, tokenizer is not None))
+        torch.rand(1000), random.random()
+        model.eval()
+
+    watched = train({**settings, "output_dir": tmp_path / "watched"}, on_checkpoint=callback)
+    assert calls == [(2, True, True), (4, True, True)]
+    assert watched.losses == plain.losses
+    for name, value in params_of(plain.model_dir).items():
+        assert torch.equal(value, params_of(watched.model_dir)[name]), name
+    # and the dropout really draws from the RNG: a callback that does not restore it changes the run
+    monkeypatch.setattr("lomo_core.train._set_rng_state", lambda rng: None)
+    changed = train({**settings, "output_dir": tmp_path / "changed"}, on_checkpoint=callback)
+    assert changed.losses[:2] == plain.losses[:2] and changed.losses[2:] != plain.losses[2:]

@@ -273,8 +273,9 @@ def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tm
     text_id, copa_id = store_eval_file(settings, db, held_out), store_eval_file(settings, db, copa)
     job_id = submit(settings, db, need_shared(STORIES), content="".join(json.dumps({"text": line}) + "\n"
                                                                          for line in lines * 4),
-                    max_steps=12, batch_size=8, max_seq_len=32, lr=2e-2,
-                    evals=[{"task": "perplexity", "file": text_id}, {"task": "copa", "file": copa_id, "limit": 6}])
+                    max_steps=12, batch_size=8, max_seq_len=32, lr=2e-2, save_every=6,
+                    evals=[{"task": "perplexity", "file": text_id, "at_checkpoints": True},
+                           {"task": "copa", "file": copa_id, "limit": 6}])
     assert JobRunner(settings, db).run(job_id) == "succeeded", job_row(db, job_id).error_message
     with db.session() as s:
         rows = s.query(EvalResult).filter_by(job_id=job_id).all()
@@ -283,6 +284,12 @@ def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tm
     assert scores[("perplexity", "loss", "fine_tuned")].value < scores[("perplexity", "loss", "base")].value
     assert scores[("perplexity", "loss", "base")].examples == 4
     assert scores[("copa", "acc", "base")].examples == 6 and scores[("copa", "acc", "fine_tuned")].examples == 6
+    # at each checkpoint, on the weights in memory: the last one is the fine-tuned model itself
+    assert {ref for _, _, ref in scores} == {"base", "checkpoint-6", "checkpoint-12", "fine_tuned"}
+    assert not any(task == "copa" and ref.startswith("checkpoint") for task, _, ref in scores)
+    assert scores[("perplexity", "loss", "checkpoint-12")].value == pytest.approx(
+        scores[("perplexity", "loss", "fine_tuned")].value, rel=1e-6)
+    assert scores[("perplexity", "loss", "checkpoint-6")].value < scores[("perplexity", "loss", "base")].value
     # the base model's scores are what lm-eval's simple_evaluate gives on the same model, files and configs
     prepare_offline()
     import lm_eval

@@ -32,6 +32,10 @@ ARCHS = {
               "max_position_embeddings": 1024},
     "gpt2": {"model_type": "gpt2", "vocab_size": 8000, "n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 1024,
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 0, "eos_token_id": 0},
+    # stories260K's shape (make demo's model): a small vocabulary, so attention, not the logits, sets the peak
+    "tiny": {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 172,
+             "num_hidden_layers": 5, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8,
+             "max_position_embeddings": 512, "tie_word_embeddings": True},
     # a LLaMA-7B-sized model (random init): the GPU preset's reference point
     "llama7b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -49,7 +53,12 @@ def matrix(preset: str) -> list[dict[str, Any]]:
               for a, d, s, c in itertools.product(("llama", "gpt2"), ("fp32", "bf16"), (128, 512), (False, True))]
     ranked = [dict(arch=a, dtype="fp32", seq=s, ckpt=False, ranks=2, batch=4)
               for a, s in itertools.product(("llama", "gpt2"), (128, 512))]
-    return single + ranked
+    # padded batches (a quarter of each row is padding, as instruction data has): the attention mask
+    # changes the CPU's attention kernel; and the chunked loss
+    padded = [dict(arch="tiny", dtype="fp32", seq=256, ckpt=c, ranks=1, batch=8, padded=True, chunk=k)
+              for c, k in itertools.product((False, True), (None, 256))]
+    padded.append(dict(arch="llama", dtype="fp32", seq=512, ckpt=False, ranks=1, batch=2, padded=True, chunk=None))
+    return single + ranked + padded
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -94,9 +103,18 @@ def worker(cfg: dict[str, Any]) -> None:
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, config.vocab_size, (cfg["batch"], cfg["seq"]), generator=g)
     local = batch.chunk(ranks)[rank].to(device)
+    inputs = {"input_ids": local, "labels": local}
+    if cfg.get("padded"):
+        mask = torch.ones_like(local)
+        mask[:, -cfg["seq"] // 4:] = 0
+        inputs = {"input_ids": local, "attention_mask": mask, "labels": local.masked_fill(mask == 0, -100)}
 
     def closure():
-        return model(input_ids=local, labels=local).loss
+        if cfg.get("chunk"):
+            from lomo_core.loss import chunked_causal_lm_loss
+
+            return chunked_causal_lm_loss(model, inputs, cfg["chunk"])
+        return model(**inputs).loss
 
     optimizer.step(closure)  # warmup
     meter = StepMemoryMeter(model, optimizer, device)
@@ -105,6 +123,7 @@ def worker(cfg: dict[str, Any]) -> None:
     report = measured.report.as_dict()
     predicted = estimate(model_shape(config_dict), optimizer="lomo", dtype=cfg["dtype"], batch_size=cfg["batch"],
                          seq_len=cfg["seq"], gradient_checkpointing=cfg["ckpt"], gpus=ranks,
+                         loss_chunk_size=cfg.get("chunk"),
                          device="cuda" if cuda else "cpu")
     result = {**cfg, "measured": report, "predicted": predicted.as_dict(), "rank": rank}
     if ranks > 1:
@@ -146,14 +165,15 @@ def report(results: list[dict[str, Any]], command: str, preset: str) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; preset `{preset}`. LOMO, one measured step "
         "after one warmup step; models of `benchmarks/bench_memory.py` (random init); batch is the global batch "
         "(split over the ranks); with 2 ranks, ZeRO-3 and the larger rank's peak.", "",
-        "| model | dtype | seq | checkpointing | ranks | batch | measured MiB | predicted MiB | error | "
+        "| model | dtype | seq | checkpointing | ranks | batch | batches | measured MiB | predicted MiB | error | "
         "measured activations | predicted activations |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     errors = []
     for r in results:
         ckpt = "on" if r["ckpt"] else "off"
-        head = f"| {r['arch']} | {r['dtype']} | {r['seq']} | {ckpt} | {r['ranks']} | {r['batch']} |"
+        kind = ("padded" if r.get("padded") else "full") + (f", loss chunk {r['chunk']}" if r.get("chunk") else "")
+        head = f"| {r['arch']} | {r['dtype']} | {r['seq']} | {ckpt} | {r['ranks']} | {r['batch']} | {kind} |"
         if "error" in r:
             lines.append(f"{head} failed: {r['error']} | | | | |")
             continue

@@ -173,6 +173,13 @@ def estimate(
     # alive with the activations not yet freed (and, with checkpointing, one recomputed layer).
     at_loss = kept + logits - (0 if zero3 else grads)
     in_layers = kept + (tokens * per_token_layer if gradient_checkpointing else 0)
+    if device == "cpu":
+        # An empirical allowance for the CPU's attention kernels, whose backward holds a layer's attention
+        # scores (rows x heads x seq^2 in fp32): the whole of it without checkpointing, a quarter with it
+        # (fitted on bench_memory.py's small-vocabulary rows, where attention and not the logits sets the
+        # peak). GPU kernels (flash / memory-efficient) never hold the scores.
+        scores = rows * shape.heads * seq_len * seq_len * 4
+        in_layers += scores // 4 if gradient_checkpointing else scores
     activations = max(at_loss, in_layers)
 
     other = 0

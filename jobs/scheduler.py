@@ -93,8 +93,10 @@ def start_next(db: Database, node: str, node_size: int | None, worker: str, back
                 return _start_next(session, node, node_size, worker, backfill_limit)
         except (_Lost, IntegrityError):
             continue  # another worker changed the queue or the leases between our read and our write
-        except OperationalError as e:  # SQLite: "database is locked" when many workers write at once
-            if "locked" not in str(e):
+        except OperationalError as e:
+            # SQLite: "database is locked" when many workers write at once; Postgres: a deadlock or a
+            # serialization failure between two workers' transactions (rolled back: choose again)
+            if "locked" not in str(e) and getattr(e.orig, "sqlstate", None) not in ("40P01", "40001"):
                 raise
     log.warning("%s: gave up choosing a job after %d conflicts; the next wake-up tries again", worker, attempts)
     return None
@@ -129,8 +131,13 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
     service.add_event(session, job.id, f"started by worker {worker} (attempt {job.attempt})"
                       + (f" on GPUs {devices} of {node}" if devices is not None else ""))
     if choice.skipped:
-        session.execute(update(Job).where(Job.id.in_(choice.skipped), Job.status == JobStatus.QUEUED.value)
-                        .values(bypassed=Job.bypassed + 1))
+        # Conditional on the count this choice saw: if another worker started a job ahead of one of them
+        # meanwhile, the limit might be passed; then the whole choice is made again.
+        bumped = session.execute(
+            update(Job).where(Job.id.in_(choice.skipped), Job.status == JobStatus.QUEUED.value,
+                              Job.bypassed < backfill_limit).values(bypassed=Job.bypassed + 1)).rowcount
+        if bumped != len(choice.skipped):
+            raise _Lost()
         service.add_event(session, job.id, "started ahead of " + ", ".join(choice.skipped)
                           + " (waiting for more GPUs than are free): backfill")
         for waiting in queue:

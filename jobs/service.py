@@ -366,6 +366,10 @@ def _checked_request(session: Session, settings: Settings, owner: str, request: 
             files[param] = get_file(session, owner, ident)
         except NotFound:
             problems.append(Problem(param, f"no uploaded file with id {ident!r}"))
+            continue
+        if files[param].purpose == "eval":
+            problems.append(Problem(param, f"file {ident} was uploaded for evaluation (purpose 'eval'), not "
+                                           "checked as training data; upload it with purpose 'fine-tune'"))
     model = resolve_model(settings, request.model)
     if model is None:
         known = registered_models(settings)
@@ -414,6 +418,10 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
     session.flush()
     add_event(session, job.id, f"job created: {request.method} on {request.model}, "
                                f"{train.records} training records")
+    if job.gpus > 1 and any(spec.get("at_checkpoints") for spec in evals):
+        add_event(session, job.id, f"at_checkpoints is ignored: this job runs on {job.gpus} devices, where "
+                                   "checkpoints are partitioned; the base and fine-tuned models are still scored",
+                  "warning")
     if prediction.get("available"):
         level = "info" if prediction["fits"] else "warning"
         add_event(session, job.id, f"predicted memory: {prediction['per_device_gib']} GiB per device; "

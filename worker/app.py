@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery.signals import worker_init, worker_ready
+from sqlalchemy.exc import IntegrityError
 
 from jobs import leases, service
 from jobs.db import database
@@ -56,8 +57,14 @@ def _migrate(**_kwargs) -> None:
 
 @worker_ready.connect
 def _resend_queued(**_kwargs) -> None:
-    with database(settings.resolved_database_url()).session() as session:
-        service.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+    db = database(settings.resolved_database_url())
+    try:
+        with db.session() as session:
+            service.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+    except IntegrityError:  # another worker process of this node registered it at the same moment
+        with db.session() as session:
+            service.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+    with db.session() as session:
         returned = leases.release_orphans(session, settings.worker_name)
         queued = service.queued_job_ids(session)
     if returned:

@@ -92,7 +92,7 @@ def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
 
 
 def _score(requests: list[dict[str, Any]], model_dir: str, model_ref: str, device: str, dtype: str,
-           emit: Any) -> None:
+           emit: Any, should_stop: Any = lambda: False) -> None:
     """Score ``model_dir`` on ``requests``; ``emit(kind, payload)`` gets a progress event per task and an
     ``eval`` record per metric. The model is loaded in the job's dtype and freed at the end."""
     import gc
@@ -101,10 +101,13 @@ def _score(requests: list[dict[str, Any]], model_dir: str, model_ref: str, devic
 
     from lomo_core.evals import load_model
 
+    gc.collect()  # the training's model and optimizer hold each other (the hooks): free them before loading
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     model, tokenizer = load_model(model_dir, device=device, dtype=torch_dtype)
     try:
-        _score_model(model, tokenizer, requests, model_ref, emit)
+        _score_model(model, tokenizer, requests, model_ref, emit, should_stop)
     finally:
         del model
         gc.collect()
@@ -112,13 +115,17 @@ def _score(requests: list[dict[str, Any]], model_dir: str, model_ref: str, devic
             torch.cuda.empty_cache()
 
 
-def _score_model(model: Any, tokenizer: Any, requests: list[dict[str, Any]], model_ref: str, emit: Any) -> None:
+def _score_model(model: Any, tokenizer: Any, requests: list[dict[str, Any]], model_ref: str, emit: Any,
+                 should_stop: Any = lambda: False) -> None:
+    """Score a model in memory; a cancellation (``should_stop``) is honoured before each task."""
     from lomo_core.evals import EvalRequest, evaluate
 
     batch = [EvalRequest(r["task"], r["file"], r.get("limit"), r.get("num_fewshot") or 0, r.get("fewshot_file"))
              for r in requests]
 
     def progress(task: str, index: int, total: int) -> None:
+        if should_stop():
+            raise Cancelled
         emit("event", {"message": f"evaluating the {model_ref.replace('_', '-')} model: {task} "
                                   f"({index + 1} of {total})"})
 
@@ -135,8 +142,10 @@ def _checkpoint_scorer(requests: list[dict[str, Any]], sink: PipeSink) -> Any:
 
     def score(model: Any, tokenizer: Any, step: int) -> None:
         try:
-            _score_model(model, tokenizer, chosen, f"checkpoint-{step}", lambda kind, payload: sink.emit(kind, step,
-                                                                                                        payload))
+            _score_model(model, tokenizer, chosen, f"checkpoint-{step}",
+                         lambda kind, payload: sink.emit(kind, step, payload), lambda: sink.stop_requested)
+        except Cancelled:
+            return  # the training loop stops at its next step
         except Exception as error:  # reported, and training goes on
             sink.emit("event", step, {"message": f"evaluation at checkpoint {step} failed: {type(error).__name__}: "
                                                  f"{error}", "level": "warning"})
@@ -181,6 +190,11 @@ def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, co
         sender.close()
         failure = "the evaluation process ended without a result"
         while True:
+            if sink.stop_requested:
+                child.terminate()
+                break
+            if not receiver.poll(0.5) and child.is_alive():
+                continue
             try:
                 kind, payload = receiver.recv()
             except EOFError:
@@ -192,10 +206,14 @@ def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, co
         child.join()
     else:
         try:
-            _score(*args, lambda kind, payload: sink.emit(kind, 0, payload))
+            _score(*args, lambda kind, payload: sink.emit(kind, 0, payload), lambda: sink.stop_requested)
+        except Cancelled:
+            raise
         except Exception as error:  # reported, and the job goes on
             failure = f"{type(error).__name__}: {error}"
             traceback.print_exc(file=sys.stderr)
+    if sink.stop_requested:  # cancelled while scoring: stop here, before (or instead of) what comes next
+        raise Cancelled
     if failure:
         sink.emit("event", 0, {"message": f"evaluation of the {model_ref.replace('_', '-')} model failed: {failure}",
                                "level": "warning"})

@@ -58,25 +58,36 @@ class JobRunner:
 
         A task message is a wake-up: ``job_id`` is the job it was sent for, but the queue decides what
         runs. Every job sends one message when it is created. A message that finds jobs waiting but
-        none that can start here now is sent again after ``requeue_delay_s`` (when ``poll``), so there
-        are never fewer messages than queued jobs; a job that ends also sends immediate wake-ups that
-        are not re-sent. Returns the final status of the job that ran, "waiting" when queued jobs
-        wait for GPUs, or "skipped" when the queue is empty.
+        none that can start here now is sent again after ``requeue_delay_s`` (when ``poll``) as long as
+        the job it was sent for is queued, so every queued job keeps a message that polls for it, and
+        messages do not multiply; a job that ends also sends immediate wake-ups that are not re-sent.
+        Returns the final status of the job that ran, "waiting" when queued jobs wait for GPUs, or
+        "skipped" when the queue is empty.
         """
         worker = f"{self.settings.worker_name}:{os.getpid()}"
         kind, total, _bytes = self.settings.device_inventory()
         node_size = total if kind == "cuda" else None
-        started = scheduler.start_next(self.db, self.settings.worker_name, node_size, worker,
-                                       self.settings.backfill_limit)
+        try:
+            started = scheduler.start_next(self.db, self.settings.worker_name, node_size, worker,
+                                           self.settings.backfill_limit)
+        except Exception:  # the database failed us: keep the wake-up alive, and let Celery log the error
+            if poll:
+                self._send(job_id, countdown=max(self.settings.requeue_delay_s, 1.0), poll=True)
+            raise
         if started is None:
             with self.db.session() as session:
-                waiting = bool(service.queued_job_ids(session))
-            if not waiting:
+                queued = bool(service.queued_job_ids(session))
+            if not queued:
                 log.info("message for %s: no queued job to run", job_id)
                 return "skipped"
-            if poll:
+            # A message keeps polling while its own job waits: every queued job has its poller, and the
+            # messages of jobs that have started (by another wake-up) end here instead of multiplying.
+            if poll and self._queued(job_id):
                 self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
             return "waiting"
+        if poll and started.job_id != job_id and self._queued(job_id):
+            # this message started another job: its own job keeps a poller meanwhile
+            self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
         job_id, devices = started.job_id, started.devices
         try:
             prepared = self._prepare(job_id)
@@ -98,6 +109,11 @@ class JobRunner:
         for _ in range(min(waiting, len(devices) if devices is not None else 1)):
             self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
         return outcome.status.value
+
+    def _queued(self, job_id: str) -> bool:
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            return job is not None and job.status == JobStatus.QUEUED.value
 
     def _send(self, job_id: str, countdown: float | None, poll: bool) -> None:
         from jobs.queue import enqueue

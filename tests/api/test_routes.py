@@ -335,6 +335,9 @@ def test_a_job_asks_for_evaluations_on_uploaded_eval_files(client, tiny_model_di
     assert job["evals"] == [{"task": "boolq", "file": eval_file["id"], "limit": 2, "num_fewshot": 0,
                              "fewshot_file": None, "at_checkpoints": False}]
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["evals"] == job["evals"]
+    # an evaluation file was not checked as training data: it cannot be one
+    wrong = error_of(create(client, tiny_model_dir, eval_file["id"]), 422)
+    assert wrong["param"] == "training_file" and "purpose 'eval'" in wrong["message"]
 
 
 def test_a_bad_evaluation_is_refused_at_submission_naming_the_task_or_the_line(client, tiny_model_dir, file_id):

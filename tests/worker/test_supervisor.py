@@ -308,3 +308,57 @@ def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tm
     messages = [e.message for e in events]
     assert any("evaluating the base model: copa (2 of 2)" in m for m in messages)
     assert any("evaluating the fine-tuned model: perplexity (1 of 2)" in m for m in messages)
+
+
+def test_a_job_cancelled_while_the_base_model_is_scored_never_trains(env):
+    settings, db = env
+    settings = settings.model_copy(update={"cancel_grace_s": 120.0})  # it must stop by itself, between tasks
+    c4 = store_eval_file(settings, db, need_shared(STORIES.parents[1] / "data" / "text" / "c4_demo.jsonl"))
+    job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=50, batch_size=4,
+                    max_seq_len=64, evals=[{"task": "perplexity", "file": c4, "limit": 12}] * 3)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(job_id)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with db.session() as s:
+            events, _ = service.list_events(s, "ann", job_id, limit=100)
+        if any("evaluating the base model" in e.message for e in events):
+            break
+        time.sleep(0.1)
+    with db.session() as s:
+        service.cancel_job(s, "ann", job_id)
+    thread.join(timeout=120)
+    assert outcome == ["cancelled"]
+    job = job_row(db, job_id)
+    assert job.step == 0  # stopped before training
+    with db.session() as s:
+        events, _ = service.list_events(s, "ann", job_id, limit=100)
+    assert any("stopped at a step boundary" in e.message for e in events)  # not killed after the grace period
+
+
+def test_wake_up_messages_poll_for_their_own_job_and_do_not_multiply(env, tmp_path, tiny_model_dir, monkeypatch):
+    settings, db = env
+    settings = settings.model_copy(update={"gpu_memory_gib": [24.0, 24.0], "requeue_delay_s": 5})
+    row = '{"prompt": "a", "response": "b"}\n'
+    sent: list[tuple[str, float | None, bool]] = []
+    monkeypatch.setattr(JobRunner, "_send", lambda self, job_id, countdown, poll: sent.append((job_id, countdown,
+                                                                                                poll)))
+    runner = stub_runner(settings, db, tmp_path, "report-devices")
+    assert runner.run("nothing") == "skipped" and sent == []  # an empty queue: the message ends
+    big = submit(settings, db, tiny_model_dir, content=row, gpus=2, priority=5)
+    small = submit(settings, db, tiny_model_dir, content=row, gpus=1)
+    with db.session() as s:  # one of the two GPUs is busy with a job started elsewhere
+        s.add(Job(id="busy", owner_id="ann", model="m", training_file_id=job_row(db, small).training_file_id,
+                  method="lomo", status="running", gpus=1))
+        s.flush()
+        s.add(GpuLease(node=settings.worker_name, device_index=0, job_id="busy"))
+    # big's message: small starts on the free GPU (backfill); big keeps a poller; small's end wakes one
+    assert runner.run(big) == "succeeded"
+    assert job_row(db, small).status == "succeeded" and job_row(db, big).status == "queued"
+    assert sent == [(big, 5, True), (small, None, False)]
+    sent.clear()
+    # small's own message: its job has run, and big cannot start: the message ends (no new poller)
+    assert runner.run(small) == "waiting" and sent == []
+    # big's message again: still waiting, it polls on
+    assert runner.run(big) == "waiting" and sent == [(big, 5, True)]

@@ -116,6 +116,8 @@ def supports_chunked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     try:
         reference = model(**batch).loss.float()
         chunked = chunked_causal_lm_loss(model, batch, chunk_size).float()
+    except torch.OutOfMemoryError:
+        raise  # not a model the chunked loss cannot follow: the job itself does not fit (and other ranks wait)
     except (TypeError, AttributeError, RuntimeError):
         return False
     return bool(torch.allclose(reference, chunked, rtol=1e-4, atol=1e-5))

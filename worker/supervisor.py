@@ -180,6 +180,8 @@ class JobRunner:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if devices is not None:
+            # lease indices are nvidia-smi's, which number GPUs in PCI bus order; CUDA must read them alike
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             env["CUDA_VISIBLE_DEVICES"] = devices_mod.visible_ids(devices)
         with (output_dir / LOG_FILE).open("ab") as log_file:
             child = subprocess.Popen(

@@ -171,7 +171,8 @@ def estimate(
     # are alive, but no parameter's gradient yet (the output layer's comes right after; under ZeRO-3
     # its gathered weight takes that place). Later, in the layers' backward, the largest gradient is
     # alive with the activations not yet freed (and, with checkpointing, one recomputed layer).
-    at_loss = kept + logits - (0 if zero3 else grads)
+    # (the chunked loss builds the output layer's full gradient during that backward: it stays counted)
+    at_loss = kept + logits - (0 if zero3 or loss_chunk_size else grads)
     in_layers = kept + (tokens * per_token_layer if gradient_checkpointing else 0)
     if device == "cpu":
         # An empirical allowance for the CPU's attention kernels, whose backward holds a layer's attention

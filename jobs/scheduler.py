@@ -8,7 +8,8 @@ with the number of its node's GPUs that are free:
   (*backfill*: a 1-GPU job need not wait behind an 8-GPU job while 3 GPUs idle), but each time one
   does, the waiting job's ``bypassed`` count grows. At ``backfill_limit`` nothing behind it starts on
   this node any more: the GPUs are held for it as running jobs end, so it cannot starve;
-- a job that needs more GPUs than this node has is left to larger nodes, and does not block this one.
+- a job that needs more GPUs than this node has, or whose predicted peak per GPU is larger than this
+  node's GPUs (nodes of different cards), is left to other nodes, and does not block this one.
 
 Choosing, claiming and leasing happen in one transaction: the conditional ``UPDATE ... WHERE
 status='queued'`` claims the job, the lease rows take the devices (a partial unique index refuses a
@@ -41,6 +42,7 @@ class Waiting:
     id: str
     need: int  # GPUs (or CPU ranks)
     bypassed: int = 0
+    need_bytes: int | None = None  # predicted peak per GPU, when the memory model gave one
 
 
 @dataclass
@@ -50,15 +52,18 @@ class Choice:
     held_for: str | None = None  # the job the free GPUs are held for (it reached the backfill limit)
 
 
-def choose(queue: list[Waiting], free: int | None, node_size: int | None, backfill_limit: int) -> Choice:
+def choose(queue: list[Waiting], free: int | None, node_size: int | None, backfill_limit: int,
+           device_bytes: int | None = None) -> Choice:
     """The job to start from ``queue`` (in queue order) with ``free`` GPUs (None: a CPU node, where
-    the first job starts), on a node of ``node_size`` GPUs."""
+    the first job starts), on a node of ``node_size`` GPUs of ``device_bytes`` each (the smallest)."""
     skipped: list[str] = []
     for job in queue:
+        too_small = (node_size is not None and device_bytes is not None and job.need_bytes is not None
+                     and job.need_bytes > device_bytes)
+        if too_small or (node_size is not None and job.need > node_size):
+            continue  # never fits here (too few GPUs, or GPUs smaller than its predicted peak): another node's job
         if free is None or job.need <= free:
             return Choice(job.id, skipped)
-        if node_size is not None and job.need > node_size:
-            continue  # never fits here: another node's job
         if job.bypassed >= backfill_limit:
             return Choice(None, skipped, held_for=job.id)
         skipped.append(job.id)
@@ -78,19 +83,29 @@ class _Lost(Exception):
 
 
 def queue_snapshot(session: Session) -> list[Waiting]:
-    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed).where(Job.status == JobStatus.QUEUED.value)
+    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed, Job.predicted_memory)
+                           .where(Job.status == JobStatus.QUEUED.value)
                            .order_by(Job.priority.desc(), Job.created_at, Job.id))
-    return [Waiting(id, need or 1, bypassed or 0) for id, need, bypassed in rows]
+    return [Waiting(id, need or 1, bypassed or 0, _predicted_peak(predicted)) for id, need, bypassed, predicted in rows]
+
+
+def _predicted_peak(predicted: dict | None) -> int | None:
+    """The predicted peak per GPU of a job placed on GPUs (None for a CPU prediction or none at all)."""
+    if not predicted or not predicted.get("available") or predicted.get("device") != "cuda":
+        return None
+    peak = (predicted.get("per_device") or {}).get("peak_bytes")
+    return int(peak) if peak else None
 
 
 def start_next(db: Database, node: str, node_size: int | None, worker: str, backfill_limit: int,
-               attempts: int = 50) -> Started | None:
+               attempts: int = 50, device_bytes: int | None = None) -> Started | None:
     """Claim the next job this node can start and lease its GPUs, or None when no queued job can start
-    here now. ``node_size`` is the node's GPU count (None on a CPU node)."""
+    here now. ``node_size`` is the node's GPU count (None on a CPU node), ``device_bytes`` the memory of
+    its smallest GPU."""
     for _ in range(attempts):
         try:
             with session_scope(db.sessions) as session:
-                return _start_next(session, node, node_size, worker, backfill_limit)
+                return _start_next(session, node, node_size, worker, backfill_limit, device_bytes)
         except (_Lost, IntegrityError):
             continue  # another worker changed the queue or the leases between our read and our write
         except OperationalError as e:
@@ -103,11 +118,11 @@ def start_next(db: Database, node: str, node_size: int | None, worker: str, back
 
 
 def _start_next(session: Session, node: str, node_size: int | None, worker: str,
-                backfill_limit: int) -> Started | None:
+                backfill_limit: int, device_bytes: int | None = None) -> Started | None:
     taken = leases.leased_devices(session, node) if node_size is not None else {}
     free = [i for i in range(node_size) if i not in taken] if node_size is not None else None
     queue = queue_snapshot(session)
-    choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit)
+    choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit, device_bytes)
     for job_id in choice.skipped[:1] + ([choice.held_for] if choice.held_for else []):
         need = next(j.need for j in queue if j.id == job_id)
         _note_waiting(session, job_id, f"waiting: {need} GPU(s) needed, {len(free or [])} of {node_size} free on "

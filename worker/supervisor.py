@@ -65,11 +65,12 @@ class JobRunner:
         "skipped" when the queue is empty.
         """
         worker = f"{self.settings.worker_name}:{os.getpid()}"
-        kind, total, _bytes = self.settings.device_inventory()
+        kind, total, device_bytes = self.settings.device_inventory()
         node_size = total if kind == "cuda" else None
         try:
             started = scheduler.start_next(self.db, self.settings.worker_name, node_size, worker,
-                                           self.settings.backfill_limit)
+                                           self.settings.backfill_limit,
+                                           device_bytes=device_bytes if kind == "cuda" else None)
         except Exception:  # the database failed us: keep the wake-up alive, and let Celery log the error
             if poll:
                 self._send(job_id, countdown=max(self.settings.requeue_delay_s, 1.0), poll=True)

@@ -46,6 +46,14 @@ def test_a_job_larger_than_the_node_is_left_to_larger_nodes():
     assert choice.job_id == "small" and choice.skipped == []
 
 
+def test_a_job_predicted_larger_than_this_nodes_gpus_is_left_to_nodes_with_larger_ones():
+    gib = 1024**3
+    queue = [Waiting("for-80gib-cards", 1, need_bytes=60 * gib), Waiting("small", 1, need_bytes=10 * gib)]
+    on_24 = choose(queue, free=8, node_size=8, backfill_limit=0, device_bytes=24 * gib)
+    assert on_24.job_id == "small" and on_24.skipped == []  # not blocked by a job that can never run here
+    assert choose(queue, free=8, node_size=8, backfill_limit=0, device_bytes=80 * gib).job_id == "for-80gib-cards"
+
+
 def test_a_cpu_node_takes_the_queue_in_order():
     assert choose([Waiting("a", 2), Waiting("b", 1)], free=None, node_size=None, backfill_limit=0).job_id == "a"
 

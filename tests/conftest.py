@@ -111,3 +111,23 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama().save_pretrained(folder)
     return folder
+
+
+def seed_jobs(db, specs: list[tuple[int, int]], status: str = "queued") -> list[str]:
+    """Jobs of (GPUs, priority) for user "ann" on one stand-in file, created one second apart in this
+    order, with ``status``: for the scheduler's and the leases' tests, which need rows, not runs."""
+    from datetime import datetime, timedelta, timezone
+
+    from jobs.models import File, Job, User
+
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with db.session() as s:
+        s.add(User(id="ann", name="ann"))
+        s.flush()
+        s.add(File(id="f", owner_id="ann", filename="d.jsonl", purpose="fine-tune", bytes=1, storage_path="x"))
+        s.flush()
+        ids = [f"job-{n:03d}" for n in range(len(specs))]
+        s.add_all([Job(id=job_id, owner_id="ann", model="m", training_file_id="f", method="lomo", status=status,
+                       gpus=gpus, priority=priority, created_at=start + timedelta(seconds=n))
+                   for n, (job_id, (gpus, priority)) in enumerate(zip(ids, specs, strict=True))])
+    return ids

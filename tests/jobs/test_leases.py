@@ -9,22 +9,14 @@ from sqlalchemy.exc import IntegrityError
 from jobs import leases
 from jobs.db import database
 from jobs.migrate import upgrade
-from jobs.models import File, GpuLease, Job, User
+from jobs.models import GpuLease, Job
 from jobs.states import JobStatus
+from tests.conftest import seed_jobs
 
 
 def make_jobs(db, sizes: list[int]) -> list[tuple[str, int]]:
-    with db.session() as s:
-        s.add(User(id="ann", name="ann"))
-        s.flush()
-        s.add(File(id="f", owner_id="ann", filename="d.jsonl", purpose="fine-tune", bytes=1, storage_path="x"))
-        s.flush()
-        jobs = []
-        for n, size in enumerate(sizes):
-            s.add(Job(id=f"job-{n:03d}", owner_id="ann", model="m", training_file_id="f", method="lomo",
-                      status=JobStatus.RUNNING.value, gpus=size))
-            jobs.append((f"job-{n:03d}", size))
-    return jobs
+    ids = seed_jobs(db, [(size, 0) for size in sizes], JobStatus.RUNNING.value)
+    return list(zip(ids, sizes, strict=True))
 
 
 def test_the_database_refuses_a_device_leased_twice_and_keeps_nodes_apart(database_url):

@@ -7,16 +7,16 @@ from __future__ import annotations
 import random
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from jobs import leases, scheduler
 from jobs.db import database
 from jobs.migrate import upgrade
-from jobs.models import File, GpuLease, Job, JobEvent, User
+from jobs.models import GpuLease, Job, JobEvent
 from jobs.scheduler import Waiting, choose
 from jobs.states import JobStatus
+from tests.conftest import seed_jobs
 
 
 # ------------------------------------------------------------------------------------------ the rule
@@ -61,19 +61,7 @@ def test_a_cpu_node_takes_the_queue_in_order():
 # ------------------------------------------------------------------------------------------ on a database
 def queue_jobs(db, specs: list[tuple[int, int]]) -> list[str]:
     """Queued jobs of (GPUs, priority), created one second apart in this order."""
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    with db.session() as s:
-        s.add(User(id="ann", name="ann"))
-        s.flush()
-        s.add(File(id="f", owner_id="ann", filename="d.jsonl", purpose="fine-tune", bytes=1, storage_path="x"))
-        s.flush()
-        ids = []
-        for n, (gpus, priority) in enumerate(specs):
-            s.add(Job(id=f"job-{n:03d}", owner_id="ann", model="m", training_file_id="f", method="lomo",
-                      status=JobStatus.QUEUED.value, gpus=gpus, priority=priority,
-                      created_at=start + timedelta(seconds=n)))
-            ids.append(f"job-{n:03d}")
-    return ids
+    return seed_jobs(db, specs, JobStatus.QUEUED.value)
 
 
 def finish(db, job_id: str, status: JobStatus = JobStatus.SUCCEEDED, release: bool = True) -> None:

@@ -37,8 +37,8 @@ from api.schemas import (
     MetricList,
     MetricObject,
 )
-from jobs import service
-from jobs.db import database
+from jobs import admission, errors, events, files, lifecycle, results
+from jobs.db import database, ping
 from jobs.queue import enqueue
 from jobs.schemas import FilePurpose, JobCreate
 from jobs.settings import Settings, get_settings
@@ -95,17 +95,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         text = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
         return _error(422, text, "invalid_request", first["param"], details)
 
-    @app.exception_handler(service.InvalidRequest)
-    async def _invalid(_request: Request, exc: service.InvalidRequest) -> JSONResponse:
+    @app.exception_handler(errors.InvalidRequest)
+    async def _invalid(_request: Request, exc: errors.InvalidRequest) -> JSONResponse:
         details = [{"param": p.param, "message": p.message, "line": p.line} for p in exc.problems]
         return _error(422, str(exc), exc.code, exc.problems[0].param, details)
 
-    @app.exception_handler(service.NotFound)
-    async def _not_found(_request: Request, exc: service.NotFound) -> JSONResponse:
+    @app.exception_handler(errors.NotFound)
+    async def _not_found(_request: Request, exc: errors.NotFound) -> JSONResponse:
         return _error(404, str(exc), f"{exc.kind}_not_found", "id")
 
-    @app.exception_handler(service.Conflict)
-    async def _conflict(_request: Request, exc: service.Conflict) -> JSONResponse:
+    @app.exception_handler(errors.Conflict)
+    async def _conflict(_request: Request, exc: errors.Conflict) -> JSONResponse:
         return _error(409, str(exc), "conflict")
 
     @app.exception_handler(StarletteHTTPException)
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health")
     def health() -> dict[str, Any]:
         with db.session() as session:
-            service.ping(session)
+            ping(session)
         return {"status": "ok", "version": __version__, "embedded": settings.embedded}
 
     # ------------------------------------------------------------------------------------------ files
@@ -156,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         part = Path(tmp.name)
         try:
             with db.session() as session:
-                row = service.store_file(session, settings, owner, file.filename or "", purpose, part)
+                row = files.store_file(session, settings, owner, file.filename or "", purpose, part)
                 return FileObject.of(row)
         finally:
             for leftover in uploads.glob(part.stem + ".*"):
@@ -165,17 +165,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/files", response_model=FileList)
     def list_files(purpose: str | None = None) -> Any:
         with db.session() as session:
-            return FileList(data=[FileObject.of(r) for r in service.list_files(session, owner, purpose)])
+            return FileList(data=[FileObject.of(r) for r in files.list_files(session, owner, purpose)])
 
     @app.get("/v1/files/{file_id}", response_model=FileObject, responses=ERRORS)
     def get_file(file_id: str) -> Any:
         with db.session() as session:
-            return FileObject.of(service.get_file(session, owner, file_id))
+            return FileObject.of(files.get_file(session, owner, file_id))
 
     @app.delete("/v1/files/{file_id}", response_model=FileDeleted, responses={**ERRORS, 409: {"model": ErrorResponse}})
     def delete_file(file_id: str) -> Any:
         with db.session() as session:
-            service.delete_file(session, settings, owner, file_id)
+            files.delete_file(session, settings, owner, file_id)
         return FileDeleted(id=file_id)
 
     # ------------------------------------------------------------------------------------------ jobs
@@ -183,22 +183,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               summary="Create a fine-tuning job (validated in full before it is queued)")
     def create_job(body: JobCreate) -> Any:
         with db.session() as session:
-            job = service.create_job(session, settings, owner, body)
+            job = lifecycle.create_job(session, settings, owner, body)
         try:
             enqueue(settings, job.id)
         except Exception as e:  # the job is safe in the database; workers re-send queued jobs when they start
             log.warning("could not enqueue %s: %s", job.id, e)
             with db.session() as session:
-                service.add_event(session, job.id, f"the broker could not be reached ({type(e).__name__}); the "
+                events.add_event(session, job.id, f"the broker could not be reached ({type(e).__name__}); the "
                                                    "job stays queued and is sent when a worker starts", "warning")
         with db.session() as session:
-            return JobObject.of(service.get_job(session, owner, job.id))
+            return JobObject.of(lifecycle.get_job(session, owner, job.id))
 
     @app.post("/v1/estimates", responses=ERRORS,
               summary="Predicted memory per device of a job (same body as a job), the GPU count and whether it fits")
     def estimate(body: JobCreate) -> dict[str, Any]:
         with db.session() as session:
-            return {"object": "estimate", **service.estimate_job(session, settings, owner, body)}
+            return {"object": "estimate", **admission.estimate_job(session, settings, owner, body)}
 
     @app.get("/v1/fine_tuning/jobs", response_model=JobList, responses=ERRORS)
     def list_jobs(
@@ -214,34 +214,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with db.session() as session:
             if after is not None:
                 try:
-                    service.get_job(session, owner, after)
-                except service.NotFound:
-                    raise service.InvalidRequest([service.Problem("after", f"no job with id {after!r}")]) from None
-            rows, more = service.list_jobs(session, owner, after, limit, status.value if status else None, metadata)
+                    lifecycle.get_job(session, owner, after)
+                except errors.NotFound:
+                    raise errors.InvalidRequest([errors.Problem("after", f"no job with id {after!r}")]) from None
+            rows, more = lifecycle.list_jobs(session, owner, after, limit, status.value if status else None, metadata)
             return JobList(data=[JobObject.of(r) for r in rows], has_more=more)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}", response_model=JobObject, responses=ERRORS)
     def get_job(job_id: str) -> Any:
         with db.session() as session:
-            return JobObject.of(service.get_job(session, owner, job_id))
+            return JobObject.of(lifecycle.get_job(session, owner, job_id))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=JobObject,
               responses={**ERRORS, 409: {"model": ErrorResponse}})
     def cancel_job(job_id: str) -> Any:
         with db.session() as session:
-            return JobObject.of(service.cancel_job(session, owner, job_id))
+            return JobObject.of(lifecycle.cancel_job(session, owner, job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList, responses=ERRORS)
     def list_events(job_id: str, after: int | None = Query(None, description="id of the last event seen"),
                     limit: int = Query(20, ge=1, le=1000)) -> Any:
         with db.session() as session:
-            rows, more = service.list_events(session, owner, job_id, after, limit)
+            rows, more = results.list_events(session, owner, job_id, after, limit)
             return EventList(data=[EventObject.of(r) for r in rows], has_more=more)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
     def list_checkpoints(job_id: str) -> Any:
         with db.session() as session:
-            rows = service.list_checkpoints(session, owner, job_id)
+            rows = results.list_checkpoints(session, owner, job_id)
             return CheckpointList(data=[CheckpointObject.of(r) for r in rows])
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/metrics", response_model=MetricList, responses=ERRORS,
@@ -249,18 +249,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def list_metrics(job_id: str, kind: str | None = Query(None, pattern="^(train|val)$"),
                      after_step: int | None = Query(None, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> Any:
         with db.session() as session:
-            rows, more = service.list_metrics(session, owner, job_id, kind, after_step, limit)
+            rows, more = results.list_metrics(session, owner, job_id, kind, after_step, limit)
             return MetricList(data=[MetricObject.of(r) for r in rows], has_more=more)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/memory", response_model=MemoryObject, responses=ERRORS,
              summary="Predicted memory and the measured peak with its breakdown, per rank")
     def job_memory(job_id: str) -> Any:
         with db.session() as session:
-            return MemoryObject(**service.memory_summary(session, owner, job_id))
+            return MemoryObject(**results.memory_summary(session, owner, job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/evals", response_model=EvalList, responses=ERRORS)
     def list_evals(job_id: str) -> Any:
         with db.session() as session:
-            return EvalList(data=[EvalObject.of(r) for r in service.list_evals(session, owner, job_id)])
+            return EvalList(data=[EvalObject.of(r) for r in results.list_evals(session, owner, job_id)])
 
     return app

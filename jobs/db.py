@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -71,3 +71,8 @@ def close_database(url: str) -> None:
     db = _databases.pop((url, os.getpid()), None)
     if db is not None:
         db.engine.dispose()
+
+
+def ping(session: Session) -> None:
+    """Raise when the database cannot answer."""
+    session.execute(text("SELECT 1"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,6 +14,11 @@ from jobs.states import JobStatus
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    """A row id that names its kind (``ftjob-...``, ``file-...``) and cannot be guessed."""
+    return f"{prefix}-{secrets.token_hex(12)}"
 
 
 class Base(DeclarativeBase):

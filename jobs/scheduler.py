@@ -27,10 +27,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from jobs import leases, service
+from jobs import leases, lifecycle
 from jobs.db import Database, session_scope
-from jobs.models import GpuLease, Job, JobEvent
-from jobs.states import JobStatus, transition_values
+from jobs.events import add_event
+from jobs.models import GpuLease, Job, JobEvent, utcnow
+from jobs.states import JobStatus
 
 log = logging.getLogger("lomo.scheduler")
 
@@ -129,13 +130,9 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
                       f"{node}" + ("; the GPUs are held for it" if job_id == choice.held_for else ""))
     if choice.job_id is None:
         return None
-    now = service.now_utc()
-    claimed = session.execute(
-        update(Job).where(Job.id == choice.job_id, Job.status == JobStatus.QUEUED.value)
-        .values(claimed_by=worker, heartbeat_at=now, attempt=Job.attempt + 1,
-                **transition_values(JobStatus.QUEUED, JobStatus.RUNNING, now))
-    ).rowcount
-    if claimed != 1:
+    now = utcnow()
+    claimed = lifecycle.claim(session, choice.job_id, worker, now)
+    if not claimed:
         raise _Lost()
     job = session.get(Job, choice.job_id)
     devices = None
@@ -143,7 +140,7 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
         devices = free[:job.gpus or 1]
         session.add_all([GpuLease(node=node, device_index=i, job_id=job.id, leased_at=now) for i in devices])
         session.flush()  # the unique index decides here, inside the transaction
-    service.add_event(session, job.id, f"started by worker {worker} (attempt {job.attempt})"
+    add_event(session, job.id, f"started by worker {worker} (attempt {job.attempt})"
                       + (f" on GPUs {devices} of {node}" if devices is not None else ""))
     if choice.skipped:
         # Conditional on the count this choice saw: if another worker started a job ahead of one of them
@@ -153,11 +150,11 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
                               Job.bypassed < backfill_limit).values(bypassed=Job.bypassed + 1)).rowcount
         if bumped != len(choice.skipped):
             raise _Lost()
-        service.add_event(session, job.id, "started ahead of " + ", ".join(choice.skipped)
+        add_event(session, job.id, "started ahead of " + ", ".join(choice.skipped)
                           + " (waiting for more GPUs than are free): backfill")
         for waiting in queue:
             if waiting.id in choice.skipped and waiting.bypassed + 1 == backfill_limit:
-                service.add_event(session, waiting.id,
+                add_event(session, waiting.id,
                                   f"waiting: {backfill_limit} job(s) behind this one have started meanwhile; none "
                                   f"more will: the GPUs of {node} are held for it as they free up")
     return Started(job.id, devices, job.attempt, choice.skipped)
@@ -168,4 +165,4 @@ def _note_waiting(session: Session, job_id: str, message: str) -> None:
     last = session.scalar(select(JobEvent.message).where(JobEvent.job_id == job_id)
                           .order_by(JobEvent.id.desc()).limit(1))
     if last is None or not last.startswith("waiting:"):
-        service.add_event(session, job_id, message)
+        add_event(session, job_id, message)

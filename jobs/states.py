@@ -21,6 +21,8 @@ class JobStatus(str, enum.Enum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+#: the statuses of jobs that have not ended, as stored
+ACTIVE = tuple(s.value for s in JobStatus if s not in TERMINAL)
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),

@@ -13,7 +13,7 @@ import logging
 from celery.signals import worker_init, worker_ready
 from sqlalchemy.exc import IntegrityError
 
-from jobs import leases, service
+from jobs import leases, lifecycle, nodes
 from jobs.db import database
 from jobs.queue import RUN_JOB, enqueue, make_celery
 from jobs.settings import Settings, get_settings
@@ -60,13 +60,13 @@ def _resend_queued(**_kwargs) -> None:
     db = database(settings.resolved_database_url())
     try:
         with db.session() as session:
-            service.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib)
     except IntegrityError:  # another worker process of this node registered it at the same moment
         with db.session() as session:
-            service.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib)
     with db.session() as session:
         returned = leases.release_orphans(session, settings.worker_name)
-        queued = service.queued_job_ids(session)
+        queued = lifecycle.queued_job_ids(session)
     if returned:
         log.info("released the GPUs of ended job(s) %s", ", ".join(returned))
     for job_id in queued:

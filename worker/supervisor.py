@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs import admission, catalog, events, files, leases, lifecycle, scheduler, telemetry
 from jobs import devices as devices_mod
-from jobs import leases, scheduler, service
 from jobs.db import Database, database
 from jobs.models import File, Job
 from jobs.settings import Settings
@@ -77,7 +77,7 @@ class JobRunner:
             raise
         if started is None:
             with self.db.session() as session:
-                queued = bool(service.queued_job_ids(session))
+                queued = bool(lifecycle.queued_job_ids(session))
             if not queued:
                 log.info("message for %s: no queued job to run", job_id)
                 return "skipped"
@@ -92,7 +92,7 @@ class JobRunner:
         job_id, devices = started.job_id, started.devices
         try:
             prepared = self._prepare(job_id)
-            if isinstance(prepared, service.Outcome):
+            if isinstance(prepared, lifecycle.Outcome):
                 outcome = prepared
             else:
                 config_path, output_dir, names = prepared
@@ -100,13 +100,14 @@ class JobRunner:
                 outcome = self._outcome(job_id, report, output_dir, names)
         except Exception as e:  # a bug of ours: the job still ends, with what happened
             log.exception("job %s: the worker failed", job_id)
-            outcome = service.Outcome(JobStatus.FAILED, "internal_error", f"the worker failed: {type(e).__name__}: {e}")
+            outcome = lifecycle.Outcome(JobStatus.FAILED, "internal_error",
+                                        f"the worker failed: {type(e).__name__}: {e}")
         finally:
             with self.db.session() as session:
                 leases.release(session, job_id)
         with self.db.session() as session:
-            service.finish_job(session, job_id, outcome)
-            waiting = len(service.queued_job_ids(session))
+            lifecycle.finish_job(session, job_id, outcome)
+            waiting = len(lifecycle.queued_job_ids(session))
         for _ in range(min(waiting, len(devices) if devices is not None else 1)):
             self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
         return outcome.status.value
@@ -125,14 +126,14 @@ class JobRunner:
             log.warning("could not send a wake-up: %s", e)
 
     # ------------------------------------------------------------------------------------------ prepare
-    def _prepare(self, job_id: str) -> service.Outcome | tuple[Path, Path, dict[str, str]]:
+    def _prepare(self, job_id: str) -> lifecycle.Outcome | tuple[Path, Path, dict[str, str]]:
         """Resolve the model and files on this node and write the run's config; or the reason it can't."""
         settings = self.settings
         with self.db.session() as session:
             job = session.get(Job, job_id)
-            model = service.resolve_model(settings, job.model)
+            model = catalog.resolve_model(settings, job.model)
             if model is None:
-                return service.Outcome(
+                return lifecycle.Outcome(
                     JobStatus.FAILED, "model_not_found",
                     f"model {job.model!r} is not a model folder this worker can read (no config.json there) "
                     f"and not a registered model on {settings.worker_name}", "model")
@@ -144,12 +145,12 @@ class JobRunner:
                     paths[param] = None
                     continue
                 row = session.get(File, file_id)
-                path = service.file_path(settings, row)
+                path = files.file_path(settings, row)
                 if row.deleted_at is not None or not path.is_file():
-                    return service.Outcome(JobStatus.FAILED, "file_not_found",
+                    return lifecycle.Outcome(JobStatus.FAILED, "file_not_found",
                                            f"file {file_id} is gone from {path.parent}", param)
                 paths[param], names[str(path)] = path, file_id
-            values = service.train_config_values(settings, job_id, model, job.method, job.hyperparameters,
+            values = admission.train_config_values(settings, job_id, model, job.method, job.hyperparameters,
                                                  paths["training_file"], paths["validation_file"], gpus=job.gpus)
         output_dir = Path(values["output_dir"])
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -160,9 +161,9 @@ class JobRunner:
                 for name in ("file", "fewshot_file"):
                     if spec.get(name):
                         row = session.get(File, spec[name])
-                        path = service.file_path(settings, row)
+                        path = files.file_path(settings, row)
                         if row.deleted_at is not None or not path.is_file():
-                            return service.Outcome(JobStatus.FAILED, "file_not_found",
+                            return lifecycle.Outcome(JobStatus.FAILED, "file_not_found",
                                                    f"file {spec[name]} is gone from {path.parent}", "evals")
                         resolved[name], names[str(path)] = str(path), spec[name]
                 evals.append(resolved)
@@ -210,7 +211,7 @@ class JobRunner:
                 now = time.monotonic()
                 if eof or now - last_flush >= settings.flush_interval_s:
                     with self.db.session() as session:
-                        cancel = service.record_progress(session, job_id, pending)
+                        cancel = telemetry.record_progress(session, job_id, pending)
                     pending, last_flush = [], now
                     if cancel and not report.cancel_requested:
                         report.cancel_requested, term_sent_at = True, now
@@ -249,19 +250,19 @@ class JobRunner:
         pending.append((kind, step, payload))
 
     # ------------------------------------------------------------------------------------------ outcome
-    def _outcome(self, job_id: str, report: ChildReport, output_dir: Path, names: dict[str, str]) -> service.Outcome:
+    def _outcome(self, job_id: str, report: ChildReport, output_dir: Path, names: dict[str, str]) -> lifecycle.Outcome:
         final = report.final or {}
         kind = final.get("kind")
         if kind == "done" and report.returncode == 0:
             self._record_validation(job_id, report)
             results = [str(output_dir / name) for name in ("metrics.jsonl", "summary.json", "memory.json")
                        if (output_dir / name).is_file()]
-            return service.Outcome(JobStatus.SUCCEEDED, fine_tuned_model=final.get("model_dir"), result_files=results)
+            return lifecycle.Outcome(JobStatus.SUCCEEDED, fine_tuned_model=final.get("model_dir"), result_files=results)
         if kind == "cancelled" or report.cancel_requested:
             how = "killed after the grace period" if report.killed else "stopped at a step boundary"
             with self.db.session() as session:
-                service.add_event(session, job_id, f"training process {how}")
-            return service.Outcome(JobStatus.CANCELLED)
+                events.add_event(session, job_id, f"training process {how}")
+            return lifecycle.Outcome(JobStatus.CANCELLED)
         if kind == "error":
             message = final.get("message", "")
             for path, file_id in names.items():  # name the uploaded file, not where the node keeps it
@@ -270,12 +271,12 @@ class JobRunner:
             code = final.get("code", "training_failed")
             if code == "out_of_memory":
                 message += self._memory_figures(job_id)
-            return service.Outcome(JobStatus.FAILED, code, message,
-                                   service.param_for_field(field_name) if field_name else None)
+            return lifecycle.Outcome(JobStatus.FAILED, code, message,
+                                   admission.param_for_field(field_name) if field_name else None)
         code, message = _died(report.returncode, output_dir / LOG_FILE)
         if code == "process_killed" and report.returncode == -signal.SIGKILL:
             message += self._memory_figures(job_id)
-        return service.Outcome(JobStatus.FAILED, code, message)
+        return lifecycle.Outcome(JobStatus.FAILED, code, message)
 
     def _memory_figures(self, job_id: str) -> str:
         """What the memory model predicted and what the device has, for an out-of-memory failure."""
@@ -295,7 +296,7 @@ class JobRunner:
             points.append(("fine_tuned", report.val[-1]))
             for model_ref, (_step, loss) in points:
                 for metric, value in (("loss", loss), ("perplexity", math.exp(min(loss, 50)))):
-                    service.record_eval(session, job_id, "validation_loss", "validation", metric, value,
+                    telemetry.record_eval(session, job_id, "validation_loss", "validation", metric, value,
                                         report.validation_rows, model_ref)
 
 

@@ -300,7 +300,7 @@ def test_jobs_store_their_prediction_and_a_pinned_count_is_warned(gpu_node):
 
 
 def test_with_no_gpus_declared_the_api_places_jobs_on_the_gpus_its_workers_registered(tmp_path, database_url):
-    from jobs import service
+    from jobs import nodes
     from jobs.db import database
 
     models = tmp_path / "models"
@@ -312,8 +312,8 @@ def test_with_no_gpus_declared_the_api_places_jobs_on_the_gpus_its_workers_regis
         body = {"model": "llama-13b", "training_file": upload(client).json()["id"], "hyperparameters": PAPER}
         assert client.post("/v1/estimates", json=body).json()["device"] == "cpu"  # no GPU node known yet
         with database(database_url).session() as s:  # what `lomo worker` does at start on two nodes
-            service.register_node(s, "small-node", [80.0])
-            service.register_node(s, "gpu-node", [24.0] * 4)
+            nodes.register_node(s, "small-node", [80.0])
+            nodes.register_node(s, "gpu-node", [24.0] * 4)
         answer = client.post("/v1/estimates", json=body).json()
         assert answer["device"] == "cuda" and answer["devices"] == 4 and answer["gpus"] == 2
         assert answer["device_bytes"] == 24 * 1024**3

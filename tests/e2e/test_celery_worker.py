@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs import service
+from jobs import lifecycle
 from jobs.db import database
 from jobs.queue import enqueue
 from jobs.schemas import JobCreate
@@ -147,7 +147,7 @@ def test_a_job_whose_model_folder_is_missing_fails_clearly(live, tmp_path):
     model = tmp_path / "stories-copy"
     shutil.copytree(STORIES, model)
     with database(live.settings.resolved_database_url()).session() as s:
-        job = service.create_job(s, live.settings, live.settings.default_user,
+        job = lifecycle.create_job(s, live.settings, live.settings.default_user,
                                  JobCreate(model=str(model), training_file=live.file_id))
     shutil.rmtree(model)  # removed after submission, before a worker picks the job up
     enqueue(live.settings, job.id)

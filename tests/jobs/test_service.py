@@ -1,4 +1,4 @@
-"""jobs.service: the atomic claim, the conditional end of a run, and progress records (SQLite and Postgres)."""
+"""The atomic claim, the conditional end of a run, progress records, model references (SQLite and Postgres)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from jobs import service
+from jobs import catalog, errors, files, lifecycle, results, telemetry
 from jobs.db import database
 from jobs.migrate import upgrade
 from jobs.models import Checkpoint, Job, MemorySample, MetricPoint
 from jobs.schemas import JobCreate
 from jobs.settings import Settings
-from jobs.states import IllegalTransition, JobStatus
+from jobs.states import IllegalTransition, JobStatus, transition_values
 
 
 @pytest.fixture
@@ -24,8 +24,8 @@ def env(tmp_path, database_url, tiny_model_dir):
     upload = tmp_path / "up.part"
     upload.write_text('{"prompt": "a", "response": "b"}\n')
     with db.session() as s:
-        row = service.store_file(s, settings, "ann", "d.jsonl", "fine-tune", upload)
-        job = service.create_job(s, settings, "ann", JobCreate(model=str(tiny_model_dir), training_file=row.id))
+        row = files.store_file(s, settings, "ann", "d.jsonl", "fine-tune", upload)
+        job = lifecycle.create_job(s, settings, "ann", JobCreate(model=str(tiny_model_dir), training_file=row.id))
     return settings, db, job.id
 
 
@@ -36,7 +36,7 @@ def test_of_many_concurrent_claims_exactly_one_wins(env):
     def claim(n: int) -> None:
         barrier.wait()
         with db.session() as s:
-            results.append(service.claim_job(s, job_id, f"worker-{n}"))
+            results.append(lifecycle.claim(s, job_id, f"worker-{n}"))
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(6)]
     for t in threads:
@@ -53,36 +53,36 @@ def test_of_many_concurrent_claims_exactly_one_wins(env):
 def test_a_job_ends_once_and_only_from_running(env):
     _settings, db, job_id = env
     with db.session() as s:
-        assert not service.finish_job(s, job_id, service.Outcome(JobStatus.SUCCEEDED))  # still queued
-        assert service.claim_job(s, job_id, "w")
+        assert not lifecycle.finish_job(s, job_id, lifecycle.Outcome(JobStatus.SUCCEEDED))  # still queued
+        assert lifecycle.claim(s, job_id, "w")
     with db.session() as s:
-        assert service.finish_job(s, job_id, service.Outcome(JobStatus.FAILED, "nan_loss", "the loss became nan"))
+        assert lifecycle.finish_job(s, job_id, lifecycle.Outcome(JobStatus.FAILED, "nan_loss", "the loss became nan"))
     with db.session() as s:
-        assert not service.finish_job(s, job_id, service.Outcome(JobStatus.SUCCEEDED))
+        assert not lifecycle.finish_job(s, job_id, lifecycle.Outcome(JobStatus.SUCCEEDED))
         job = s.get(Job, job_id)
         assert (job.status, job.error_code, job.error_message) == ("failed", "nan_loss", "the loss became nan")
         assert job.finished_at is not None
     with pytest.raises(IllegalTransition):
-        service.transition_values(JobStatus.FAILED, JobStatus.RUNNING)
+        transition_values(JobStatus.FAILED, JobStatus.RUNNING)
 
 
 def test_cancelling_a_running_job_asks_the_worker(env):
     _settings, db, job_id = env
     with db.session() as s:
-        service.claim_job(s, job_id, "w")
+        lifecycle.claim(s, job_id, "w")
     with db.session() as s:
-        job = service.cancel_job(s, "ann", job_id)
+        job = lifecycle.cancel_job(s, "ann", job_id)
         assert job.status == "running" and job.cancel_requested
     with db.session() as s:
-        assert service.record_progress(s, job_id, []) is True  # the worker's next write learns of it
-    with pytest.raises(service.NotFound), db.session() as s:
-        service.cancel_job(s, "bob", job_id)  # another owner does not see the job
+        assert telemetry.record_progress(s, job_id, []) is True  # the worker's next write learns of it
+    with pytest.raises(errors.NotFound), db.session() as s:
+        lifecycle.cancel_job(s, "bob", job_id)  # another owner does not see the job
 
 
 def test_progress_records_become_rows_and_an_estimate(env):
     _settings, db, job_id = env
     with db.session() as s:
-        service.claim_job(s, job_id, "w")
+        lifecycle.claim(s, job_id, "w")
     memory = {"peak_bytes": 100, "parameters_bytes": 40, "gradients_bytes": 1, "optimizer_state_bytes": 0,
               "activations_bytes": 50, "other_bytes": 9, "device": "cpu", "source": "cpu_tracker"}
     records = [
@@ -94,7 +94,7 @@ def test_progress_records_become_rows_and_an_estimate(env):
         ("checkpoint", 2, {"path": "/x/step-000002"}),
     ]
     with db.session() as s:
-        assert service.record_progress(s, job_id, records) is False
+        assert telemetry.record_progress(s, job_id, records) is False
     with db.session() as s:
         job = s.get(Job, job_id)
         assert (job.step, job.total_steps, job.trained_tokens) == (2, 10, 15)
@@ -103,16 +103,16 @@ def test_progress_records_become_rows_and_an_estimate(env):
         assert [(p.kind, p.step, p.loss) for p in points] == [("val", 0, 3.0), ("train", 1, 2.5), ("train", 2, 2.0)]
         assert s.query(MemorySample).filter_by(job_id=job_id).one().activations_bytes == 50
         assert s.query(Checkpoint).filter_by(job_id=job_id).one().path == "/x/step-000002"
-        summary = service.memory_summary(s, "ann", job_id)
+        summary = results.memory_summary(s, "ann", job_id)
         assert summary["measured"][0]["peak_bytes"] == 100 and summary["samples"] == 1
-        events, _ = service.list_events(s, "ann", job_id, limit=100)
+        events, _ = results.list_events(s, "ann", job_id, limit=100)
         assert any("skipped" in e.message and e.level == "warning" for e in events)
 
 
 def test_model_references_resolve_to_folders_or_registered_names(tmp_path, tiny_model_dir):
     settings = Settings(data_dir=tmp_path, model_dirs=[tiny_model_dir.parent])
-    assert service.resolve_model(settings, str(tiny_model_dir)) == tiny_model_dir.resolve()
-    assert service.resolve_model(settings, tiny_model_dir.name) == tiny_model_dir.resolve()
-    assert service.resolve_model(settings, "nothing-like-it") is None
-    assert service.resolve_model(settings, str(Path(tiny_model_dir) / "config.json")) is None
-    assert tiny_model_dir.name in service.registered_models(settings)
+    assert catalog.resolve_model(settings, str(tiny_model_dir)) == tiny_model_dir.resolve()
+    assert catalog.resolve_model(settings, tiny_model_dir.name) == tiny_model_dir.resolve()
+    assert catalog.resolve_model(settings, "nothing-like-it") is None
+    assert catalog.resolve_model(settings, str(Path(tiny_model_dir) / "config.json")) is None
+    assert tiny_model_dir.name in catalog.registered_models(settings)

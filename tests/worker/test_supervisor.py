@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from jobs import service
+from jobs import files, lifecycle, results
 from jobs.db import database
 from jobs.migrate import upgrade
 from jobs.models import Checkpoint, EvalResult, GpuLease, Job, MemorySample, MetricPoint
@@ -39,8 +39,8 @@ def submit(settings, db, model, data_path=None, content=None, gpus=None, priorit
         upload.write_text(content)
     name = data_path.name if data_path is not None else "d.jsonl"
     with db.session() as s:
-        row = service.store_file(s, settings, "ann", name, "fine-tune", upload)
-        job = service.create_job(s, settings, "ann", JobCreate(model=str(model), training_file=row.id,
+        row = files.store_file(s, settings, "ann", name, "fine-tune", upload)
+        job = lifecycle.create_job(s, settings, "ann", JobCreate(model=str(model), training_file=row.id,
                                                                hyperparameters=hyper, gpus=gpus,
                                                                priority=priority, evals=evals or []))
     return job.id
@@ -51,7 +51,7 @@ def store_eval_file(settings, db, path) -> str:
     upload.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(path, upload)
     with db.session() as s:
-        return service.store_file(s, settings, "ann", path.name, "eval", upload).id
+        return files.store_file(s, settings, "ann", path.name, "eval", upload).id
 
 
 COPA = STORIES.parents[1] / "data" / "superglue" / "COPA" / "val.jsonl"
@@ -159,11 +159,11 @@ def test_a_child_that_ignores_cancellation_is_killed(env, tmp_path, tiny_model_d
     while job_row(db, job_id).step < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     with db.session() as s:
-        service.cancel_job(s, "ann", job_id)
+        lifecycle.cancel_job(s, "ann", job_id)
     thread.join(timeout=30)
     assert outcome == ["cancelled"]
     with db.session() as s:
-        events, _ = service.list_events(s, "ann", job_id, limit=100)
+        events, _ = results.list_events(s, "ann", job_id, limit=100)
     assert any("killed after the grace period" in e.message for e in events)
 
 
@@ -192,7 +192,7 @@ def test_a_job_on_two_ranks_runs_through_the_launcher_and_stores_each_ranks_memo
         assert [p.step for p in s.query(MetricPoint).filter_by(job_id=job_id, kind="train")
                 .order_by(MetricPoint.step)] == [1, 2, 3, 4]
         assert [c.step for c in s.query(Checkpoint).filter_by(job_id=job_id).order_by(Checkpoint.step)] == [2, 4]
-        summary = service.memory_summary(s, "ann", job_id)
+        summary = results.memory_summary(s, "ann", job_id)
     assert [m["rank"] for m in summary["measured"]] == [0, 1]
     assert summary["predicted"]["available"] is True
     with db.session() as s:  # scored in a spawned process, before the ranks start and after they end
@@ -210,7 +210,7 @@ def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(e
     second = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n', gpus=2)
     # the first job holds GPUs 0 and 1 (as if it were running on another worker)
     with db.session() as s:
-        assert service.claim_job(s, first, "elsewhere")
+        assert lifecycle.claim(s, first, "elsewhere")
     with db.session() as s:
         s.add_all([GpuLease(node=settings.worker_name, device_index=i, job_id=first) for i in (0, 1)])
     runner = stub_runner(settings, db, tmp_path, "report-devices")
@@ -218,7 +218,7 @@ def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(e
     job = job_row(db, second)
     assert job.status == "queued" and job.attempt == 0
     with db.session() as s:
-        events, _ = service.list_events(s, "ann", second, limit=100)
+        events, _ = results.list_events(s, "ann", second, limit=100)
     assert any("waiting: 2 GPU(s) needed, 1 of 3 free" in e.message for e in events)
     with db.session() as s:
         leases.release(s, first)
@@ -279,7 +279,7 @@ def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tm
     assert JobRunner(settings, db).run(job_id) == "succeeded", job_row(db, job_id).error_message
     with db.session() as s:
         rows = s.query(EvalResult).filter_by(job_id=job_id).all()
-        events, _ = service.list_events(s, "ann", job_id, limit=200)
+        events, _ = results.list_events(s, "ann", job_id, limit=200)
     scores = {(r.task, r.metric, r.model_ref): r for r in rows}
     assert scores[("perplexity", "loss", "fine_tuned")].value < scores[("perplexity", "loss", "base")].value
     assert scores[("perplexity", "loss", "base")].examples == 4
@@ -301,10 +301,10 @@ def test_a_job_with_evaluations_scores_the_base_and_the_fine_tuned_model(env, tm
     for request, metrics in ((EvalRequest("copa", copa, limit=6), ["acc"]),
                              (EvalRequest("perplexity", held_out), ["word_perplexity", "bits_per_byte"])):
         config = task_config(request, tmp_path / "direct" / request.task, count_tokens=token_counter(lm))
-        results = lm_eval.simple_evaluate(model=lm, tasks=[config], limit=request.limit, bootstrap_iters=0,
-                                          task_manager=TaskManager(include_defaults=False))["results"]
+        reference = lm_eval.simple_evaluate(model=lm, tasks=[config], limit=request.limit, bootstrap_iters=0,
+                                            task_manager=TaskManager(include_defaults=False))["results"]
         for metric in metrics:
-            assert scores[(request.task, metric, "base")].value == results[f"lomo_{request.task}"][f"{metric},none"]
+            assert scores[(request.task, metric, "base")].value == reference[f"lomo_{request.task}"][f"{metric},none"]
     messages = [e.message for e in events]
     assert any("evaluating the base model: copa (2 of 2)" in m for m in messages)
     assert any("evaluating the fine-tuned model: perplexity (1 of 2)" in m for m in messages)
@@ -322,18 +322,18 @@ def test_a_job_cancelled_while_the_base_model_is_scored_never_trains(env):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with db.session() as s:
-            events, _ = service.list_events(s, "ann", job_id, limit=100)
+            events, _ = results.list_events(s, "ann", job_id, limit=100)
         if any("evaluating the base model" in e.message for e in events):
             break
         time.sleep(0.1)
     with db.session() as s:
-        service.cancel_job(s, "ann", job_id)
+        lifecycle.cancel_job(s, "ann", job_id)
     thread.join(timeout=120)
     assert outcome == ["cancelled"]
     job = job_row(db, job_id)
     assert job.step == 0  # stopped before training
     with db.session() as s:
-        events, _ = service.list_events(s, "ann", job_id, limit=100)
+        events, _ = results.list_events(s, "ann", job_id, limit=100)
     assert any("stopped at a step boundary" in e.message for e in events)  # not killed after the grace period
 
 

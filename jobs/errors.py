@@ -1,0 +1,36 @@
+"""What the domain raises when a client asks for something that cannot be done; the API maps each to
+a 4xx answer (``api.errors``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ServiceError(Exception):
+    """Something the client asked for cannot be done; the API turns these into 4xx answers."""
+
+
+class NotFound(ServiceError):
+    def __init__(self, kind: str, ident: str) -> None:
+        super().__init__(f"no {kind} with id {ident!r}")
+        self.kind, self.ident = kind, ident
+
+
+class Conflict(ServiceError):
+    pass
+
+
+@dataclass
+class Problem:
+    param: str | None
+    message: str
+    line: int | None = None
+
+
+class InvalidRequest(ServiceError):
+    """One or more problems, each naming the field (``param``) or the line of a file."""
+
+    def __init__(self, problems: list[Problem], code: str = "invalid_request") -> None:
+        self.problems, self.code = problems, code
+        first = problems[0]
+        super().__init__(f"{first.param}: {first.message}" if first.param else first.message)

@@ -1,0 +1,137 @@
+"""Uploaded files: checked line by line at upload, stored under the data folder, soft-deleted.
+
+A refused upload leaves no trace; a row never points at nothing (the file is moved into place first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
+from jobs.models import File, Job, new_id, utcnow
+from jobs.settings import Settings
+from jobs.states import ACTIVE
+from jobs.users import ensure_user
+from lomo_core.data import DataError, check_file
+
+
+def store_file(
+    session: Session, settings: Settings, owner: str, filename: str, purpose: str, upload: Path
+) -> File:
+    """Validate an uploaded file (already on disk at ``upload``) and keep it; every problem names its line.
+
+    The file is moved into the data folder before its row is written, so a row never points at
+    nothing; a refused upload leaves no trace.
+    """
+    name = Path(filename or "upload.jsonl").name
+    suffix = Path(name).suffix.lower()
+    if suffix not in (".jsonl", ".json", ".txt"):
+        raise InvalidRequest([Problem("file", f"{name!r}: expected a .jsonl, .json or .txt file")])
+    size = upload.stat().st_size
+    if size == 0:
+        raise InvalidRequest([Problem("file", f"{name!r} is empty")])
+    checked_path = upload.with_suffix(suffix)  # the reader tells .txt from JSON by the suffix
+    os.replace(upload, checked_path)
+    try:
+        if purpose == "eval":  # its task is known at submission, where its fields are checked
+            check = _check_eval_upload(checked_path)
+        else:
+            check = check_file(checked_path, max_example_chars=settings.max_example_chars)
+    except DataError as e:
+        checked_path.unlink(missing_ok=True)
+        raise InvalidRequest([Problem("file", str(e))], code="invalid_file") from None
+    if not check.ok:
+        checked_path.unlink(missing_ok=True)
+        problems = [Problem("file", f"line {line}: {message}" if line else message, line or None)
+                    for line, message in check.errors]
+        if check.truncated_errors:
+            problems.append(Problem("file", f"(only the first {len(check.errors)} problems are listed)"))
+        raise InvalidRequest(problems, code="invalid_file")
+
+    ensure_user(session, owner)
+    file_id = new_id("file")
+    relative = Path("files") / f"{file_id}{suffix}"
+    target = settings.data_dir / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(checked_path), target)
+    row = File(id=file_id, owner_id=owner, filename=name, purpose=purpose, bytes=size,
+               storage_path=str(relative), records=check.records, data_format=check.format)
+    session.add(row)
+    session.flush()
+    return row
+
+
+@dataclass
+class _EvalUploadCheck:
+    records: int
+    errors: list[tuple[int, str]]
+    truncated_errors: bool = False
+    format: str = "eval"
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _check_eval_upload(path: Path, max_errors: int = 20) -> _EvalUploadCheck:
+    """An evaluation file at upload: text, or one JSON object per line (.jsonl). Which fields it needs
+    depends on the task, so they are checked when a job names it (``lomo_core.evals.check_eval_file``)."""
+    records, errors = 0, []
+    with path.open(encoding="utf-8", errors="strict") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                records += 1
+                if path.suffix == ".jsonl":
+                    try:
+                        value = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        errors.append((number, f"invalid JSON: {e.msg}"))
+                        continue
+                    if not isinstance(value, dict):
+                        errors.append((number, "expected a JSON object"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path.name}: not UTF-8 text") from None
+    if path.suffix == ".json":
+        raise DataError("an evaluation file is .jsonl (one example per line) or .txt")
+    return _EvalUploadCheck(records, errors[:max_errors], len(errors) > max_errors)
+
+
+def get_file(session: Session, owner: str, file_id: str) -> File:
+    row = session.get(File, file_id)
+    if row is None or row.owner_id != owner or row.deleted_at is not None:
+        raise NotFound("file", file_id)
+    return row
+
+
+def list_files(session: Session, owner: str, purpose: str | None = None) -> list[File]:
+    query = select(File).where(File.owner_id == owner, File.deleted_at.is_(None))
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    return list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc())))
+
+
+def delete_file(session: Session, settings: Settings, owner: str, file_id: str) -> File:
+    row = get_file(session, owner, file_id)
+    users = session.scalars(
+        select(Job.id).where(
+            or_(Job.training_file_id == file_id, Job.validation_file_id == file_id), Job.status.in_(ACTIVE)
+        )
+    ).all()
+    if users:
+        raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} that have not finished")
+    (settings.data_dir / row.storage_path).unlink(missing_ok=True)
+    row.deleted_at = utcnow()  # the row stays: finished jobs still name the file they were trained on
+    return row
+
+
+def file_path(settings: Settings, row: File) -> Path:
+    return (settings.data_dir / row.storage_path).resolve()

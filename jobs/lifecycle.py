@@ -1,0 +1,148 @@
+"""A job's life: created ``queued``, claimed ``running`` by a worker, cancelled, ended. Status changes
+go through ``jobs.states``; the claim and the end of a run are single conditional UPDATEs, so of two
+workers given the same job one wins, and a job ends once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from jobs.admission import checked_request, predict_memory
+from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
+from jobs.events import add_event
+from jobs.models import Job, new_id, utcnow
+from jobs.schemas import HYPERPARAMETERS, JobCreate
+from jobs.settings import Settings
+from jobs.states import TERMINAL, JobStatus, transition_values
+
+
+def create_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> Job:
+    """Validate everything a job needs, then write it ``queued``. The caller commits, then enqueues.
+
+    A job the memory model says cannot fit on all the devices of a node is refused; with a pinned GPU
+    count that the model says is too few, the job is accepted with a warning."""
+    job_id = new_id("ftjob")
+    model, train, val, resolved, evals = checked_request(session, settings, owner, request, job_id)
+    prediction = predict_memory(session, settings, model, resolved, request.gpus)
+    if prediction.get("available") and not prediction["fits"] and request.gpus is None:
+        raise InvalidRequest([Problem("model", f"the job cannot fit on this deployment: it {prediction['reason']}; "
+                                               "lower batch_size or max_seq_len, turn on gradient_checkpointing, "
+                                               "set loss_chunk_size, or use lomo / adalomo")],
+                             code="insufficient_memory")
+    job = Job(
+        id=job_id, owner_id=owner, status=JobStatus.QUEUED.value, model=request.model,
+        training_file_id=train.id, validation_file_id=val.id if val else None, method=request.method,
+        hyperparameters={name: resolved[name] for name in HYPERPARAMETERS}, suffix=request.suffix,
+        metadata_=dict(request.metadata), created_at=utcnow(), predicted_memory=prediction,
+        gpus=request.gpus or prediction.get("gpus") or 1, priority=request.priority, evals=evals or None,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, f"job created: {request.method} on {request.model}, "
+                               f"{train.records} training records")
+    if job.gpus > 1 and any(spec.get("at_checkpoints") for spec in evals):
+        add_event(session, job.id, f"at_checkpoints is ignored: this job runs on {job.gpus} devices, where "
+                                   "checkpoints are partitioned; the base and fine-tuned models are still scored",
+                  "warning")
+    if prediction.get("available"):
+        level = "info" if prediction["fits"] else "warning"
+        add_event(session, job.id, f"predicted memory: {prediction['per_device_gib']} GiB per device; "
+                                   f"{prediction['reason']}", level, data=prediction)
+    return job
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner:
+        raise NotFound("job", job_id)
+    return job
+
+
+def list_jobs(
+    session: Session, owner: str, after: str | None = None, limit: int = 20, status: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> tuple[list[Job], bool]:
+    """Newest first; ``after`` is the id of the last job of the previous page."""
+    query = select(Job).where(Job.owner_id == owner)
+    if status:
+        query = query.where(Job.status == status)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.metadata_[key].as_string() == value)
+    if after:
+        cursor = get_job(session, owner, after)
+        query = query.where(or_(Job.created_at < cursor.created_at,
+                                and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+    job = get_job(session, owner, job_id)
+    status = JobStatus(job.status)
+    if status in TERMINAL:
+        raise Conflict(f"job {job_id} has already {status.value}; only queued or running jobs can be cancelled")
+    if status is JobStatus.RUNNING:
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            add_event(session, job.id, "cancellation requested; the run stops at its next step")
+        return job
+    # Conditional: a worker claiming the job at this instant wins, and the job is then cancelled as running.
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == status.value)
+        .values(cancel_requested=True, **transition_values(status, JobStatus.CANCELLED))
+    ).rowcount
+    if not done:
+        session.refresh(job)
+        return cancel_job(session, owner, job_id)
+    add_event(session, job.id, "job cancelled before it started")
+    session.refresh(job)
+    return job
+
+
+def claim(session: Session, job_id: str, worker: str, now: datetime | None = None) -> bool:
+    """``queued -> running`` in one conditional UPDATE (the caller's transaction commits it): of two
+    workers given the same job, one wins. ``jobs.scheduler`` claims through this, with the leases."""
+    now = now or utcnow()
+    values = transition_values(JobStatus.QUEUED, JobStatus.RUNNING, now)
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(claimed_by=worker, heartbeat_at=now, attempt=Job.attempt + 1, **values)
+    ).rowcount
+    return done == 1
+
+
+def queued_job_ids(session: Session) -> list[str]:
+    """The queue in the order jobs start: higher priority first, first come first within a priority."""
+    return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value)
+                                .order_by(Job.priority.desc(), Job.created_at, Job.id)))
+
+
+@dataclass
+class Outcome:
+    status: JobStatus
+    error_code: str | None = None
+    error_message: str | None = None
+    error_param: str | None = None
+    fine_tuned_model: str | None = None
+    result_files: list[str] = field(default_factory=list)
+
+
+def finish_job(session: Session, job_id: str, outcome: Outcome) -> bool:
+    """``running -> succeeded | failed | cancelled``, only if the job is still running."""
+    values = transition_values(JobStatus.RUNNING, outcome.status)
+    if outcome.status is JobStatus.SUCCEEDED:
+        values["estimated_finish"] = None
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value).values(
+            error_code=outcome.error_code, error_message=outcome.error_message, error_param=outcome.error_param,
+            fine_tuned_model=outcome.fine_tuned_model, result_files=outcome.result_files, **values)
+    ).rowcount
+    if done:
+        text = {JobStatus.SUCCEEDED: "job succeeded", JobStatus.CANCELLED: "job cancelled"}.get(
+            outcome.status, f"job failed: {outcome.error_message}")
+        add_event(session, job_id, text, "error" if outcome.status is JobStatus.FAILED else "info")
+    return done == 1

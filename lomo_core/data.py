@@ -2,13 +2,28 @@
 
 Accepted files (format detected from the first record, or forced with ``data_format``):
 
-- JSONL (one object a line) or a JSON array of objects, with either
-  ``prompt`` / ``response``, or Alpaca's ``instruction`` / ``input`` / ``output``, or chat
-  ``messages`` (a list of ``{"role", "content"}``): loss only on the response / assistant tokens;
-  or ``text``: plain text, loss on every token;
+- JSONL (one object a line) or a JSON array of objects, each one of:
+
+  - chat ``messages`` (OpenAI's chat format): a list of ``{"role", "content"}`` with role ``system``,
+    ``user`` or ``assistant``; ``content`` is a string or a list of text parts
+    (``{"type": "text", "text": ...}``, joined with nothing between them). The messages are rendered
+    with the tokenizer's chat template (the fallback ``<|role|>\\ncontent\\n`` without one), and the loss
+    is taken on what the template adds for each assistant message, unless that message has
+    ``"weight": 0`` (OpenAI's per-message weight: ``0`` or ``1``, on assistant messages only, default
+    ``1``; the key is not shown to the template);
+  - ``prompt`` / ``completion`` (OpenAI's legacy format) or ``prompt`` / ``response``: the two strings
+    are joined as they are, loss on the completion / response only;
+  - Alpaca's ``instruction`` / ``input`` / ``output``: loss on the output only;
+  - ``text``: plain text, loss on every token;
 - ``.txt``: plain text, one document per blank-line-separated paragraph block.
 
-Every problem is reported with the file and line (or array index) it comes from.
+The tokenizer's BOS token (never trained) and EOS token (trained) frame every example, when it has them.
+
+Function calling is refused: top-level ``tools`` / ``functions``, messages with ``tool_calls`` /
+``function_call`` and messages of role ``tool`` / ``function`` (null or empty values count as absent),
+as are content parts other than text (images, audio, files). A chat needs at least one non-empty
+assistant message of weight 1. Every problem is reported with the file and line (or array index) it
+comes from.
 """
 
 from __future__ import annotations
@@ -27,6 +42,8 @@ FORMATS = ("auto", "instruct", "text")
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 CHAT_FALLBACK = "<|{role}|>\n{content}\n"
+CHAT_ROLES = ("system", "user", "assistant")
+INSTRUCT_KEYS = frozenset({"prompt", "completion", "instruction", "messages"})
 
 
 class DataError(ValueError):
@@ -87,7 +104,7 @@ def read_records(path: str | Path, errors: list[tuple[int, str]] | None = None) 
 
 def detect_format(record: Any) -> str:
     """``text`` for records that only carry text; everything else is read as instruction data."""
-    if isinstance(record, dict) and "text" in record and not ({"prompt", "instruction", "messages"} & set(record)):
+    if isinstance(record, dict) and "text" in record and not INSTRUCT_KEYS & set(record):
         return "text"
     return "instruct"
 
@@ -104,12 +121,26 @@ def _require_str(record: dict, key: str, where: str, allow_empty: bool = False) 
     return value
 
 
+def _present(value: Any) -> bool:
+    """Whether an optional field is really there: null and empty lists / objects count as absent."""
+    return value is not None and value != [] and value != {}
+
+
+def _function_calling(where: str, what: str) -> DataError:
+    return DataError(
+        f"{where}: function calling ({what}) is not supported for training yet; remove the tools or the row"
+    )
+
+
 def _segments(record: Any, fmt: str, where: str, tokenizer: Any) -> list[tuple[str, bool]]:
     """Split a record into text segments, each flagged with whether the loss is taken on it."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if fmt == "text":
         return [(_require_str(record, "text", where), True)]
+    for key in ("tools", "functions"):
+        if _present(record.get(key)):
+            raise _function_calling(where, repr(key))
     if "messages" in record:
         return _chat_segments(record["messages"], where, tokenizer)
     if "instruction" in record:
@@ -120,39 +151,105 @@ def _segments(record: Any, fmt: str, where: str, tokenizer: Any) -> list[tuple[s
         output = _require_str(record, "output", where)
         template = ALPACA_TEMPLATE_WITH_INPUT if extra.strip() else ALPACA_TEMPLATE
         return [(template.format(instruction=instruction, input=extra), False), (output, True)]
-    if "prompt" in record or "response" in record:
-        return [(_require_str(record, "prompt", where), False), (_require_str(record, "response", where), True)]
+    if "completion" in record or "prompt" in record or "response" in record:
+        return [(_require_str(record, "prompt", where), False), (_prompt_answer(record, where), True)]
     raise DataError(
-        f"{where}: no usable fields: expected 'prompt'/'response', 'instruction'/'output', 'messages' "
-        f"or 'text', got {sorted(record)}"
+        f"{where}: no usable fields: expected 'prompt'/'completion', 'prompt'/'response', "
+        f"'instruction'/'output', 'messages' or 'text', got {sorted(record)}"
     )
+
+
+def _prompt_answer(record: dict, where: str) -> str:
+    """The trained half of a ``prompt`` record: its ``completion`` (OpenAI's legacy format) or ``response``."""
+    if "completion" in record and "response" in record:
+        raise DataError(f"{where}: both 'completion' and 'response' are given; keep one")
+    if "completion" in record:
+        return _require_str(record, "completion", where)
+    if "response" not in record:
+        raise DataError(f"{where}: missing field 'response' (or 'completion')")
+    return _require_str(record, "response", where)
 
 
 def _chat_segments(messages: Any, where: str, tokenizer: Any) -> list[tuple[str, bool]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-        if msg["role"] not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{where}: messages[{i}].role {msg['role']!r} is not system/user/assistant/tool")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    checked = [_chat_message(msg, i, where) for i, msg in enumerate(messages)]
+    clean = [msg for msg, _ in checked]
+    if not any(trained and msg["content"].strip() for msg, trained in checked):
+        if any(msg["role"] == "assistant" and msg["content"].strip() for msg in clean):
+            raise DataError(f"{where}: no non-empty assistant message to learn from: those there have weight 0")
         raise DataError(f"{where}: no non-empty assistant message to learn from")
-
-    def render(msgs: list[dict]) -> str:
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(msgs, tokenize=False)
-        return "".join(CHAT_FALLBACK.format(**m) for m in msgs)
 
     # Render growing prefixes so each message's text is exactly what the template adds for it.
     segments, previous = [], ""
-    for i, msg in enumerate(messages):
-        rendered = render(messages[: i + 1])
+    for i, (_, trained) in enumerate(checked):
+        rendered = _render_chat(clean[: i + 1], tokenizer, where)
         if not rendered.startswith(previous):
             raise DataError(f"{where}: the chat template does not render messages incrementally")
-        segments.append((rendered[len(previous):], msg["role"] == "assistant"))
+        segments.append((rendered[len(previous):], trained))
         previous = rendered
     return segments
+
+
+def _chat_message(msg: Any, i: int, where: str) -> tuple[dict, bool]:
+    """Check ``messages[i]``; return it as the template sees it (text content, no ``weight``) and
+    whether the loss is taken on it (an assistant message of weight 1)."""
+    if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+        raise DataError(f"{where}: messages[{i}] must be an object with a string 'role'")
+    role = msg["role"]
+    if role in ("tool", "function"):
+        raise _function_calling(where, f"messages[{i}] has role {role!r}")
+    for key in ("tool_calls", "function_call"):
+        if _present(msg.get(key)):
+            raise _function_calling(where, f"messages[{i}].{key}")
+    if role not in CHAT_ROLES:
+        raise DataError(f"{where}: messages[{i}].role {role!r} is not system/user/assistant")
+    # ``weight`` is ours to read, not the template's; the function-calling keys left here are empty.
+    clean = {key: value for key, value in msg.items() if key not in ("weight", "tool_calls", "function_call")}
+    clean["content"] = _message_text(msg.get("content"), i, where)
+    weight = _message_weight(msg, i, where)
+    return clean, role == "assistant" and weight == 1
+
+
+def _message_text(content: Any, i: int, where: str) -> str:
+    """A message's content as one string: a string as it is, a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        got = "null" if content is None else type(content).__name__
+        raise DataError(f"{where}: messages[{i}].content must be a string or a list of text parts, got {got}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise DataError(f"{where}: messages[{i}].content[{j}] has type {kind!r}: only text parts can be trained")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise DataError(f'{where}: messages[{i}].content[{j}] must be {{"type": "text", "text": <string>}}')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _message_weight(msg: dict, i: int, where: str) -> int:
+    """OpenAI's per-message ``weight``: exactly 0 or 1 (not true/false, not 1.0), on assistant messages only."""
+    if "weight" not in msg:
+        return 1
+    if msg["role"] != "assistant":
+        raise DataError(f"{where}: messages[{i}].weight is only allowed on assistant messages, not {msg['role']!r}")
+    weight = msg["weight"]
+    if type(weight) is not int or weight not in (0, 1):
+        raise DataError(f"{where}: messages[{i}].weight must be 0 or 1, got {json.dumps(weight)}")
+    return weight
+
+
+def _render_chat(messages: list[dict], tokenizer: Any, where: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        from jinja2 import TemplateError  # chat templates are Jinja; transformers needs it to render them
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        except TemplateError as e:
+            raise DataError(f"{where}: the chat template refused the messages: {e}") from None
+    return "".join(CHAT_FALLBACK.format(role=m["role"], content=m["content"]) for m in messages)
 
 
 # ---------------------------------------------------------------------------------------------- checking
@@ -187,9 +284,12 @@ def check_file(
     """Check every record of a data file without a tokenizer (what an upload is validated with).
 
     Finds what would stop training: bad JSON, missing or non-string fields, empty responses, chat
-    records with nothing to learn from, records of another format than the first, and records longer
-    than ``max_example_chars`` characters. Length in tokens depends on the model and is checked when a
-    job runs (over-long examples are truncated and counted there).
+    records with nothing to learn from (no assistant message, or all of weight 0), weights other than
+    0 or 1, what is not supported (function calling, content parts other than text), records of another
+    format than the first, and records longer than ``max_example_chars`` characters. Chats are checked
+    with the fallback template: a model's own template can still refuse one when a job runs. Length in
+    tokens depends on the model and is checked when a job runs (over-long examples are truncated and
+    counted there).
     """
     if data_format not in FORMATS:
         raise DataError(f"data_format must be one of {FORMATS}, got {data_format!r}")

@@ -1,0 +1,84 @@
+"""One error shape for every answer that is not a success: ``{"error": {"message", "type", "code",
+"param", "details"}}`` (OpenAI's, with ``details`` listing every problem and its field or line).
+
+422 for input that is wrong (the field or the line named), 404 for unknown ids, 409 for a request that
+conflicts with a job's state, 413 for an upload over the limit. Anything a client sends gets one of
+these, not a 500; a 500 is a bug of ours and says only its exception's type.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas import ErrorResponse
+from jobs import errors
+
+log = logging.getLogger("lomo.api")
+
+#: the error answers a route declares in the OpenAPI document
+ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorResponse}}
+TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {"model": ErrorResponse}}
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None,
+                   details: list[dict[str, Any]] | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    body = {"message": message, "type": kind, "code": code, "param": param, "details": details or []}
+    return JSONResponse(status_code=status, content={"error": body})
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or None
+
+
+async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = []
+    for item in exc.errors():
+        param = _param_of(tuple(item.get("loc", ())))
+        message = item.get("msg", "invalid value").removeprefix("Value error, ")
+        if item.get("type") == "json_invalid":
+            param, message = None, f"the request body is not valid JSON: {item.get('ctx', {}).get('error', '')}"
+        details.append({"param": param, "message": message})
+    first = details[0] if details else {"param": None, "message": "invalid request"}
+    text = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
+    return error_response(422, text, "invalid_request", first["param"], details)
+
+
+async def _invalid(_request: Request, exc: errors.InvalidRequest) -> JSONResponse:
+    details = [{"param": p.param, "message": p.message, "line": p.line} for p in exc.problems]
+    return error_response(422, str(exc), exc.code, exc.problems[0].param, details)
+
+
+async def _not_found(_request: Request, exc: errors.NotFound) -> JSONResponse:
+    return error_response(404, str(exc), f"{exc.kind}_not_found", "id")
+
+
+async def _conflict(_request: Request, exc: errors.Conflict) -> JSONResponse:
+    return error_response(409, str(exc), "conflict")
+
+
+async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, str(exc.detail), code)
+
+
+async def _internal(_request: Request, exc: Exception) -> JSONResponse:  # a bug of ours, never client input
+    log.exception("unhandled error")
+    return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                          "internal_error", kind="server_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(errors.InvalidRequest, _invalid)
+    app.add_exception_handler(errors.NotFound, _not_found)
+    app.add_exception_handler(errors.Conflict, _conflict)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _internal)

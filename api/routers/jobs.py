@@ -1,0 +1,100 @@
+"""``/v1/fine_tuning/jobs``: create, list, read, cancel; a job's events, checkpoints, metrics, memory, evals."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+
+from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
+from api.errors import CONFLICT, ERRORS
+from api.schemas import CheckpointList, EvalList, EventList, JobList, JobObject, MemoryObject, MetricList
+from api.views import checkpoint_object, eval_object, event_object, job_object, metric_object
+from jobs import errors, events, lifecycle, results
+from jobs.queue import enqueue
+from jobs.schemas import JobCreate
+from jobs.states import JobStatus
+
+log = logging.getLogger("lomo.api")
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
+
+
+@router.post("", response_model=JobObject, responses=ERRORS,
+             summary="Create a fine-tuning job (validated in full before it is queued)")
+def create_job(body: JobCreate, db: DatabaseDep, settings: SettingsDep, caller: CallerDep) -> Any:
+    with db.session() as session:  # committed before the message is sent: a worker finds the row
+        job = lifecycle.create_job(session, settings, caller.user_id, body)
+    try:
+        enqueue(settings, job.id)
+    except Exception as e:  # the job is safe in the database; workers re-send queued jobs when they start
+        log.warning("could not enqueue %s: %s", job.id, e)
+        with db.session() as session:
+            events.add_event(session, job.id, f"the broker could not be reached ({type(e).__name__}); the "
+                                              "job stays queued and is sent when a worker starts", "warning")
+    with db.session() as session:
+        return job_object(lifecycle.get_job(session, caller.user_id, job.id))
+
+
+@router.get("", response_model=JobList, responses=ERRORS)
+def list_jobs(
+    request: Request, session: SessionDep, caller: CallerDep,
+    after: str | None = Query(None, description="id of the last job of the previous page"),
+    limit: int = Query(20, ge=1, le=100),
+    status: JobStatus | None = Query(None),
+) -> Any:
+    metadata = {}
+    for key, value in request.query_params.multi_items():
+        if key.startswith("metadata[") and key.endswith("]") and len(key) > len("metadata[]"):
+            metadata[key[len("metadata["):-1]] = value
+    if after is not None:
+        try:
+            lifecycle.get_job(session, caller.user_id, after)
+        except errors.NotFound:
+            raise errors.InvalidRequest([errors.Problem("after", f"no job with id {after!r}")]) from None
+    rows, more = lifecycle.list_jobs(session, caller.user_id, after, limit, status.value if status else None, metadata)
+    return JobList(data=[job_object(r) for r in rows], has_more=more)
+
+
+@router.get("/{job_id}", response_model=JobObject, responses=ERRORS)
+def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
+    return job_object(lifecycle.get_job(session, caller.user_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject, responses={**ERRORS, **CONFLICT})
+def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
+    return job_object(lifecycle.cancel_job(session, caller.user_id, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
+def list_events(job_id: str, session: SessionDep, caller: CallerDep,
+                after: int | None = Query(None, description="id of the last event seen"),
+                limit: int = Query(20, ge=1, le=1000)) -> Any:
+    rows, more = results.list_events(session, caller.user_id, job_id, after, limit)
+    return EventList(data=[event_object(r) for r in rows], has_more=more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
+def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
+    rows = results.list_checkpoints(session, caller.user_id, job_id)
+    return CheckpointList(data=[checkpoint_object(r) for r in rows])
+
+
+@router.get("/{job_id}/metrics", response_model=MetricList, responses=ERRORS,
+            summary="Loss, learning rate and tokens/s per step (train) and validation loss (val)")
+def list_metrics(job_id: str, session: SessionDep, caller: CallerDep,
+                 kind: str | None = Query(None, pattern="^(train|val)$"),
+                 after_step: int | None = Query(None, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> Any:
+    rows, more = results.list_metrics(session, caller.user_id, job_id, kind, after_step, limit)
+    return MetricList(data=[metric_object(r) for r in rows], has_more=more)
+
+
+@router.get("/{job_id}/memory", response_model=MemoryObject, responses=ERRORS,
+            summary="Predicted memory and the measured peak with its breakdown, per rank")
+def job_memory(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
+    return MemoryObject(**results.memory_summary(session, caller.user_id, job_id))
+
+
+@router.get("/{job_id}/evals", response_model=EvalList, responses=ERRORS)
+def list_evals(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
+    return EvalList(data=[eval_object(r) for r in results.list_evals(session, caller.user_id, job_id)])

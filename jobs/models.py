@@ -6,7 +6,20 @@ import secrets
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from jobs.states import JobStatus
@@ -58,16 +71,23 @@ class Job(Base):
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
     status: Mapped[str] = mapped_column(String(32), default=JobStatus.QUEUED.value, index=True)
     model: Mapped[str] = mapped_column(String(1000))
-    training_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
-    validation_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
+    training_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"), index=True)
+    validation_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"), index=True)
     method: Mapped[str] = mapped_column(String(32))
+    #: the ``method`` object the job was created with (OpenAI's shape), echoed back
+    method_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: integrations the client asked for (stored and echoed; none is acted on)
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
     suffix: Mapped[str | None] = mapped_column(String(64))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: the fine-tuned model's name (``ft:<base>:<suffix>:<job id>``), never a path
     fine_tuned_model: Mapped[str | None] = mapped_column(String(1000))
+    #: when the fine-tuned model was deleted (``DELETE /v1/models/{name}``); its files are gone
+    model_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer)
@@ -144,6 +164,10 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(1000))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: the training figures at this step (``step``, ``train_loss``, ``valid_loss``, ...)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: when ``keep_checkpoints`` removed its folder (the row stays, marked)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class EvalResult(Base):
@@ -185,3 +209,17 @@ class Node(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     gpu_memory_gib: Mapped[list[Any]] = mapped_column(JSON, default=list)
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """The object a create request made, by its ``Idempotency-Key``: a retried create returns it."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner_id", "route", "key", name="uq_idempotency_keys_owner_route_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    route: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(255))
+    object_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -236,7 +236,7 @@ def _message_weight(msg: dict, i: int, where: str) -> int:
     if msg["role"] != "assistant":
         raise DataError(f"{where}: messages[{i}].weight is only allowed on assistant messages, not {msg['role']!r}")
     weight = msg["weight"]
-    if type(weight) is not int or weight not in (0, 1):
+    if weight not in (0, 1):
         raise DataError(f"{where}: messages[{i}].weight must be 0 or 1, got {json.dumps(weight)}")
     return weight
 

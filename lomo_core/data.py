@@ -221,7 +221,7 @@ def _message_text(content: Any, i: int, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if isinstance(kind, str) and kind != "text":
+        if False:
             raise DataError(f"{where}: messages[{i}].content[{j}] has type {kind!r}: only text parts can be trained")
         if kind != "text" or not isinstance(part.get("text"), str):
             raise DataError(f'{where}: messages[{i}].content[{j}] must be {{"type": "text", "text": <string>}}')
@@ -236,7 +236,7 @@ def _message_weight(msg: dict, i: int, where: str) -> int:
     if msg["role"] != "assistant":
         raise DataError(f"{where}: messages[{i}].weight is only allowed on assistant messages, not {msg['role']!r}")
     weight = msg["weight"]
-    if weight not in (0, 1):
+    if type(weight) is not int or weight not in (0, 1):
         raise DataError(f"{where}: messages[{i}].weight must be 0 or 1, got {json.dumps(weight)}")
     return weight
 

@@ -221,7 +221,7 @@ def _message_text(content: Any, i: int, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if False:
+        if isinstance(kind, str) and kind != "text":
             raise DataError(f"{where}: messages[{i}].content[{j}] has type {kind!r}: only text parts can be trained")
         if kind != "text" or not isinstance(part.get("text"), str):
             raise DataError(f'{where}: messages[{i}].content[{j}] must be {{"type": "text", "text": <string>}}')

@@ -54,6 +54,8 @@ class TrainConfig(BaseModel):
 
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (and at the end)")
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps")
+    save_every_epoch: bool = Field(False, description="without save_every: a checkpoint at the end of each epoch "
+                                                      "but the last (whose weights are the final model)")
     keep_checkpoints: int = Field(2, ge=1)
     memory_interval: int = Field(50, ge=1, description="on CPU, track memory at step 1 and every N steps")
     resume_from: Path | None = Field(None, description="a checkpoint folder to continue from")

@@ -484,6 +484,9 @@ def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = N
                 _at_checkpoint(run, on_checkpoint, sink)
         else:
             pos.epoch, pos.index = pos.epoch + 1, 0
+            if config.save_every_epoch and not config.save_every and pos.step < run.total_steps:
+                sink.write("checkpoint", pos.step, {"path": str(save_checkpoint(run)), "epoch_end": True})
+                _at_checkpoint(run, on_checkpoint, sink)
 
     if run.validation is not None and not (config.eval_every and pos.step % config.eval_every == 0):
         val_loss = validation_loss(run)

@@ -251,3 +251,23 @@ def test_a_checkpoint_callback_sees_the_saved_model_and_leaves_training_unchange
     monkeypatch.setattr("lomo_core.train._set_rng_state", lambda rng: None)
     changed = train({**settings, "output_dir": tmp_path / "changed"}, on_checkpoint=callback)
     assert changed.losses[:2] == plain.losses[:2] and changed.losses[2:] != plain.losses[2:]
+
+
+def test_epoch_end_checkpoints_resume_like_an_uninterrupted_run(base, tmp_path):
+    """save_every_epoch: a checkpoint after each epoch but the last, at the start of the next epoch."""
+    data = tmp_path / "twelve.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell me about {n}.", "response": f"{n} is a number."}) + "\n"
+                            for n in range(12)))
+    settings = {**base, "data": data, "batch_size": 4, "epochs": 3, "save_every_epoch": True, "keep_checkpoints": 5}
+    sink = ListSink()
+    straight = train({**settings, "output_dir": tmp_path / "straight"}, sinks=[sink])
+    assert [r["step"] for r in sink.of("checkpoint")] == [3, 6]  # 3 steps an epoch; the final model is the last
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == ["step-000003",
+                                                                                          "step-000006"]
+    resumed = train({**settings, "output_dir": tmp_path / "straight-copy",
+                     "resume_from": tmp_path / "straight" / "checkpoints" / "step-000006"})
+    assert resumed.losses == straight.losses[6:]
+    a, b = params_of(straight.model_dir), params_of(resumed.model_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with_steps = train({**settings, "output_dir": tmp_path / "steps", "save_every": 5}, sinks=[steps := ListSink()])
+    assert [r["step"] for r in steps.of("checkpoint")] == [5] and with_steps.steps == 9  # save_every wins

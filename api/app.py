@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
 from api import errors
-from api.routers import estimates, files, health, jobs
+from api.routers import estimates, files, health, jobs, models
 from jobs.db import database
 from jobs.settings import Settings, get_settings
 from lomo_core import __version__
@@ -44,6 +44,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def root() -> RedirectResponse:
         return RedirectResponse("/docs")
 
-    for module in (health, files, jobs, estimates):
+    for module in (health, files, jobs, estimates, models):
         app.include_router(module.router)
     return app

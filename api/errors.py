@@ -61,7 +61,10 @@ async def _not_found(_request: Request, exc: errors.NotFound) -> JSONResponse:
 
 
 async def _conflict(_request: Request, exc: errors.Conflict) -> JSONResponse:
-    return error_response(409, str(exc), "conflict")
+    # The openai SDK retries a 409 on its own unless told not to: a state conflict does not pass by retrying.
+    response = error_response(409, str(exc), exc.code)
+    response.headers["x-should-retry"] = "false"
+    return response
 
 
 async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

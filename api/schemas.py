@@ -28,20 +28,29 @@ class ErrorResponse(BaseModel):
 
 
 class FileObject(BaseModel):
+    """OpenAI's file object, plus what the upload check found (``records``, ``format``)."""
+
     object: Literal["file"] = "file"
     id: str
+    bytes: int
+    created_at: int
     filename: str
     purpose: str
-    bytes: int
+    #: "processed": a stored file was checked when it was stored (a refused upload is not kept)
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    #: files do not expire
+    expires_at: int | None = None
     records: int
     format: str | None
-    created_at: int
-
 
 
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class FileDeleted(BaseModel):
@@ -62,33 +71,57 @@ class Progress(BaseModel):
     fraction: float | None
 
 
+class SupervisedHyperparametersOut(BaseModel):
+    model_config = {"extra": "allow"}  # OpenAI's three, then this service's settings under their names
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    optimizer: str
+
+
+class SupervisedOut(BaseModel):
+    hyperparameters: SupervisedHyperparametersOut
+
+
+class MethodOut(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedOut
+
+
 class JobObject(BaseModel):
+    """OpenAI's ``fine_tuning.job`` (every field of it), then this service's own fields."""
+
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     id: str
-    status: str
     created_at: int
-    started_at: int | None
+    error: JobError | None
+    fine_tuned_model: str | None = Field(description="ft:<base>:<suffix>:<job id> once the job succeeded")
     finished_at: int | None
+    hyperparameters: SupervisedHyperparametersOut
     model: str
-    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str] = Field(description="ids of files (GET /v1/files/{id}/content): the metrics CSV")
+    seed: int
+    status: str
+    trained_tokens: int
     training_file: str
     validation_file: str | None
-    method: str
-    hyperparameters: dict[str, Any]
-    suffix: str | None
-    trained_tokens: int
-    progress: Progress
     estimated_finish: int | None
-    error: JobError | None
-    result_files: list[str]
+    integrations: list[dict[str, Any]]
     metadata: dict[str, str]
+    method: MethodOut
+    suffix: str | None
+    # this service's own
+    started_at: int | None
+    optimizer: str
+    progress: Progress
     cancel_requested: bool
     attempt: int
     predicted_memory: dict[str, Any] | None
     gpus: int
     priority: int
     evals: list[dict[str, Any]]
-
 
 
 class JobList(BaseModel):
@@ -99,12 +132,12 @@ class JobList(BaseModel):
 
 class EventObject(BaseModel):
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
-    id: int
+    id: str
     created_at: int
-    level: str
+    level: Literal["info", "warn", "error"]
     message: str
+    type: Literal["message", "metrics"]
     data: dict[str, Any] | None
-
 
 
 class EventList(BaseModel):
@@ -113,18 +146,30 @@ class EventList(BaseModel):
     has_more: bool
 
 
+class CheckpointMetrics(BaseModel):
+    model_config = {"extra": "allow"}
+
+    step: int
+    train_loss: float | None = None
+    valid_loss: float | None = None
+
+
 class CheckpointObject(BaseModel):
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
-    id: int
-    step: int
-    path: str
+    id: str
     created_at: int
-
+    fine_tuned_model_checkpoint: str = Field(description="a name usable as the model of a new job, or to download")
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
 
 
 class CheckpointList(BaseModel):
     object: Literal["list"] = "list"
     data: list[CheckpointObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class MetricObject(BaseModel):
@@ -152,6 +197,7 @@ class MemoryObject(BaseModel):
 
 
 class EvalObject(BaseModel):
+    id: str
     task: str
     split: str
     metric: str
@@ -166,3 +212,26 @@ class EvalObject(BaseModel):
 class EvalList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EvalObject]
+    has_more: bool
+
+
+class ModelObject(BaseModel):
+    """OpenAI's model object: a registered base model (``owned_by`` "system") or a fine-tuned model or
+    checkpoint (``owned_by`` its owner's user id); ``id`` is a name, never a path."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+    has_more: bool = False
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True

@@ -4,32 +4,43 @@ its memory predicted on this deployment's devices. Every problem names the job f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from jobs.catalog import registered_models, resolve_model
+from jobs import catalog
 from jobs.errors import InvalidRequest, NotFound, Problem
 from jobs.evalspecs import checked_evals
 from jobs.files import file_path, get_file
 from jobs.models import File
 from jobs.nodes import deployment_inventory
-from jobs.schemas import HYPERPARAMETERS, JobCreate
+from jobs.schemas import AUTO_BATCH_SIZES, HYPERPARAMETERS, JobCreate
 from jobs.settings import Settings
 from jobs.users import ensure_user
-from lomo_core.config import ConfigError, load_config
+from lomo_core.config import ConfigError, TrainConfig, load_config
 
 _PARAM_OF_FIELD = {"model": "model", "data": "training_file", "validation_data": "validation_file",
-                   "optimizer": "method", "nproc": "gpus"}
+                   "nproc": "gpus", "seed": "seed"}
+_OPENAI_NAME = {"epochs": "n_epochs"}
+#: where a job's hyperparameters are: OpenAI's ``method`` object, or the deprecated top-level field
+METHOD_HYPERPARAMETERS = "method.supervised.hyperparameters"
 
 
-def param_for_field(field_name: str) -> str:
-    """The job field a TrainConfig field comes from (``lr`` -> ``hyperparameters.lr``, ``data`` ->
-    ``training_file``)."""
-    if field_name in HYPERPARAMETERS:
-        return f"hyperparameters.{field_name}"
-    return _PARAM_OF_FIELD.get(field_name, field_name)
+def param_for_field(field_name: str, prefix: str = METHOD_HYPERPARAMETERS) -> str:
+    """The job field a TrainConfig field comes from (``lr`` -> ``method.supervised.hyperparameters.lr``,
+    ``epochs`` -> ``...n_epochs``, ``data`` -> ``training_file``); ``prefix`` is where the request put its
+    hyperparameters."""
+    if field_name in _PARAM_OF_FIELD:
+        return _PARAM_OF_FIELD[field_name]
+    if field_name in HYPERPARAMETERS or field_name == "optimizer":
+        return f"{prefix}.{_OPENAI_NAME.get(field_name, field_name)}"
+    return field_name
+
+
+def hyperparameters_prefix(request: JobCreate) -> str:
+    return "hyperparameters" if request.hyperparameters is not None else METHOD_HYPERPARAMETERS
 
 
 def job_output_dir(settings: Settings, job_id: str) -> Path:
@@ -43,12 +54,14 @@ def train_config_values(
     values: dict[str, Any] = dict(hyperparameters)
     values.update(model=model, data=training_path, output_dir=job_output_dir(settings, job_id),
                   optimizer=method, device=settings.device, nproc=gpus)
+    # OpenAI lists a checkpoint at each epoch's end when a job sets none of its own; so do we
+    values.setdefault("save_every_epoch", values.get("save_every") is None)
     if validation_path is not None:
         values["validation_data"] = validation_path
     return values
 
 
-def check_train_config(values: dict[str, Any]) -> dict[str, Any]:
+def check_train_config(values: dict[str, Any], prefix: str = METHOD_HYPERPARAMETERS) -> dict[str, Any]:
     """Validate with lomo_core's TrainConfig; problems are named by the job field they come from."""
     try:
         config = load_config(values)
@@ -56,7 +69,8 @@ def check_train_config(values: dict[str, Any]) -> dict[str, Any]:
         problems = []
         for line in e.problems:
             name, sep, message = line.partition(": ")
-            problems.append(Problem(param_for_field(name), message) if sep and " " not in name else Problem(None, line))
+            problems.append(Problem(param_for_field(name, prefix), message) if sep and " " not in name
+                            else Problem(None, line))
         raise InvalidRequest(problems, code="invalid_hyperparameters") from None
     return config.model_dump(mode="json")
 
@@ -64,11 +78,11 @@ def check_train_config(values: dict[str, Any]) -> dict[str, Any]:
 def predict_memory(session: Session, settings: Settings, model: Path, resolved: dict[str, Any],
                    pinned: int | None) -> dict[str, Any]:
     """The memory model's answer for a job on this deployment's devices (``lomo_core.memory_model``)."""
-    from lomo_core.memory_model import GiB, model_shape, place
+    from lomo_core.memory_model import GiB, place
 
     device, count, device_bytes = deployment_inventory(session, settings)
     try:
-        shape = model_shape(model)
+        shape = catalog.model_shape(model)  # cached by the content of config.json
     except Exception as e:  # a config the model cannot be built from on the meta device: no prediction
         return {"available": False, "reason": f"cannot read the model's shape: {type(e).__name__}: {e}"}
     placement = place(
@@ -85,7 +99,7 @@ def predict_memory(session: Session, settings: Settings, model: Path, resolved: 
     }
 
 
-def checked_request(session: Session, settings: Settings, owner: str, request: JobCreate, job_id: str):
+def checked_request(session: Session, settings: Settings, owner: str, request: JobCreate, job_id: str) -> Admitted:
     """Files, model and hyperparameters of a job request, all validated; or InvalidRequest."""
     ensure_user(session, owner)
     problems = []
@@ -102,11 +116,22 @@ def checked_request(session: Session, settings: Settings, owner: str, request: J
         if files[param].purpose == "eval":
             problems.append(Problem(param, f"file {ident} was uploaded for evaluation (purpose 'eval'), not "
                                            "checked as training data; upload it with purpose 'fine-tune'"))
-    model = resolve_model(settings, request.model)
-    if model is None:
-        known = registered_models(settings)
-        problems.append(Problem("model", f"{request.model!r} is neither a model folder (with config.json) nor "
-                                         f"a registered model" + (f" ({', '.join(known)})" if known else "")))
+        elif files[param].purpose != "fine-tune":
+            problems.append(Problem(param, f"file {ident} is not training data (purpose {files[param].purpose!r}); "
+                                           "upload a file with purpose 'fine-tune'"))
+    try:
+        model = catalog.resolve_reference(session, settings, owner, request.model)
+    except catalog.UnusableModel as e:
+        model = None
+        problems.append(Problem("model", str(e)))
+    else:
+        if model is None:
+            known = catalog.registered_models(settings)
+            problems.append(Problem("model", f"{request.model!r} is neither a model folder (with config.json), a "
+                                             "registered model" + (f" ({', '.join(known)})" if known else "")
+                                             + ", nor one of your fine-tuned models (GET /v1/models lists them)"))
+        elif (vocabulary := catalog.vocabulary_problem(model, repr(request.model))) is not None:
+            problems.append(Problem("model", vocabulary))
     evals = checked_evals(session, settings, owner, request, problems)
     _device, count, _bytes = deployment_inventory(session, settings)
     if request.gpus is not None and _device == "cuda" and request.gpus > count:
@@ -114,13 +139,59 @@ def checked_request(session: Session, settings: Settings, owner: str, request: J
     if problems:
         raise InvalidRequest(problems)
     train, val = files["training_file"], files["validation_file"]
-    values = train_config_values(settings, job_id, model, request.method, request.hyperparameter_values(),
+    values = train_config_values(settings, job_id, model, request.optimizer, request.train_values(),
                                  file_path(settings, train), file_path(settings, val) if val else None,
                                  gpus=request.gpus or 1)
-    return model, train, val, check_train_config(values), evals
+    resolved = check_train_config(values, hyperparameters_prefix(request))
+    choice = None
+    if request.auto_batch_size:
+        choice = choose_batch_size(session, settings, model, resolved, request.gpus, train.records)
+        resolved["batch_size"] = choice.batch_size
+    return Admitted(model, train, val, resolved, evals, choice)
+
+
+@dataclass
+class BatchChoice:
+    batch_size: int
+    reason: str
+
+
+@dataclass
+class Admitted:
+    """A job request that passed every check, with its settings resolved."""
+
+    model: Path
+    train: File
+    val: File | None
+    resolved: dict[str, Any]  # TrainConfig's values
+    evals: list[dict[str, Any]]
+    batch_choice: BatchChoice | None  # what batch_size "auto" chose, and why
+
+
+def choose_batch_size(session: Session, settings: Settings, model: Path, resolved: dict[str, Any],
+                      pinned: int | None, records: int) -> BatchChoice:
+    """``batch_size: "auto"``: the largest of ``AUTO_BATCH_SIZES`` (and no more than the file's records)
+    that the memory model says fits on the devices a batch of 1 needs (or the pinned GPU count), so a
+    larger batch never costs more GPUs."""
+    first = predict_memory(session, settings, model, {**resolved, "batch_size": 1}, pinned)
+    if not first.get("available"):
+        default = TrainConfig.model_fields["batch_size"].default
+        return BatchChoice(default, f"the default, {default}: the memory model has no prediction for this model")
+    devices = pinned or first.get("gpus")
+    for size in sorted((b for b in AUTO_BATCH_SIZES if b <= max(records, 1)), reverse=True):
+        prediction = predict_memory(session, settings, model, {**resolved, "batch_size": size}, devices)
+        if prediction["fits"]:
+            where = f"{devices} GPU(s)" if prediction["device"] == "cuda" else f"this {prediction['device']} node"
+            return BatchChoice(size, f"{size}, the largest micro-batch that fits on {where}: "
+                                     f"{prediction['per_device_gib']} GiB per device predicted")
+    return BatchChoice(1, "1: no larger micro-batch fits")
 
 
 def estimate_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> dict[str, Any]:
     """``POST /v1/estimates``: what a job would need, without creating it."""
-    model, _train, _val, resolved, _evals = checked_request(session, settings, owner, request, "estimate")
-    return predict_memory(session, settings, model, resolved, request.gpus)
+    admitted = checked_request(session, settings, owner, request, "estimate")
+    estimate = predict_memory(session, settings, admitted.model, admitted.resolved, request.gpus)
+    estimate["batch_size"] = admitted.resolved["batch_size"]
+    if admitted.batch_choice:
+        estimate["batch_size_reason"] = admitted.batch_choice.reason
+    return estimate

@@ -1,12 +1,50 @@
-"""Models a job may name: a model folder, or a sub-folder of one of ``settings.model_dirs``."""
+"""Models a job may name, and the models this service lists and serves.
+
+A model reference is one of: the name of a sub-folder of one of ``settings.model_dirs`` (a registered
+base model), a model folder (path), or the name of a fine-tuned model or checkpoint of one of the
+caller's jobs (``ft:<base>:<suffix>:<job id>``, ``ft:<base>:<suffix>:<job id>:ckpt-step-<N>``).
+
+A fine-tuned model lives in ``<data_dir>/jobs/<job id>/model`` and its checkpoints in
+``<data_dir>/jobs/<job id>/checkpoints/step-NNNNNN``; clients only ever see the names.
+
+The shape of a model (``lomo_core.memory_model``) and the size of its tokenizer are cached by the
+content of the folder's files, so that creating and estimating jobs does not rebuild the model each time.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from jobs.errors import Conflict, NotFound, ServiceError
+from jobs.models import Checkpoint, Job, utcnow
 from jobs.settings import Settings
+from jobs.states import ACTIVE, JobStatus
+
+if TYPE_CHECKING:
+    from lomo_core.memory_model import ModelShape
 
 
+class UnusableModel(ValueError):
+    """A reference to something that exists (a job's model or checkpoint of the caller) but cannot be
+    loaded as a model; the message says why and what to use instead."""
+
+
+class ModelNotDeletable(ServiceError):
+    """A registered base model (the deployment's, not the caller's to delete), or a checkpoint's name
+    (checkpoints go with their fine-tuned model)."""
+
+
+# ---------------------------------------------------------------------------------------------- folders
 def resolve_model(settings: Settings, reference: str) -> Path | None:
     """A model folder (path) or the name of a sub-folder of one of ``settings.model_dirs``."""
     candidates = [Path(reference)] + [Path(root) / reference for root in settings.model_dirs]
@@ -19,12 +57,338 @@ def resolve_model(settings: Settings, reference: str) -> Path | None:
     return None
 
 
+def registered_folder(settings: Settings, name: str) -> Path | None:
+    """The folder of the registered model ``name`` (a sub-folder of one of ``settings.model_dirs``
+    with a config.json); None for anything else, paths included."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        return None
+    for root in settings.model_dirs:
+        candidate = Path(root) / name
+        try:
+            if (candidate / "config.json").is_file():
+                return candidate.resolve()
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def registered_models(settings: Settings) -> list[str]:
-    names = []
+    """The names of the registered models, in the order of ``model_dirs`` (a name once, as it resolves)."""
+    names: list[str] = []
     for root in settings.model_dirs:
         if Path(root).is_dir():
-            names += sorted(p.name for p in Path(root).iterdir() if (p / "config.json").is_file())
+            for name in sorted(p.name for p in Path(root).iterdir() if (p / "config.json").is_file()):
+                if name not in names:
+                    names.append(name)
     return names
+
+
+def job_folder(settings: Settings, job_id: str) -> Path:
+    """A job's output folder (``admission.job_output_dir``): the run's config, logs, model, checkpoints."""
+    from jobs.admission import job_output_dir  # admission imports this module
+
+    return job_output_dir(settings, job_id)
+
+
+def model_folder(settings: Settings, job: Job) -> Path:
+    """Where a job's fine-tuned model is (``<data_dir>/jobs/<job id>/model``), whether or not it exists."""
+    return job_folder(settings, job.id) / "model"
+
+
+def checkpoint_folder(settings: Settings, checkpoint: Checkpoint) -> Path:
+    """Where a checkpoint's folder is on this host. The worker records its node's absolute path, inside
+    the job's folder (``<data_dir>/jobs/<job id>/checkpoints/step-NNNNNN``, or ``.../<job id>/model`` for
+    the final model listed as the last checkpoint); every host sees the data folder but may mount it
+    elsewhere, so the part after ``jobs/<job id>/`` is read under this host's job folder. A relative path
+    is read relative to the job folder; any other path as it is."""
+    stored = PurePath(checkpoint.path)
+    root = job_folder(settings, checkpoint.job_id)
+    if not stored.is_absolute():
+        return root / stored
+    parts = stored.parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == checkpoint.job_id and parts[i - 1] == "jobs":
+            return root.joinpath(*parts[i + 1:])
+    return Path(stored)
+
+
+def _is_model_folder(folder: Path) -> bool:
+    try:
+        return (folder / "config.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_partitioned(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("zero3-rank-*.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- references
+def resolve_reference(session: Session, settings: Settings, owner: str, reference: str) -> Path | None:
+    """The folder a job's ``model`` names, or None when it names nothing ``owner`` may use.
+
+    A fine-tuned model's name resolves when its job is ``owner``'s, succeeded, saved a final model and
+    the model was not deleted; a checkpoint's name when the job is ``owner``'s, has that checkpoint (not
+    removed), the job's model was not deleted, and the folder is a Hugging Face model folder. Anything
+    else is a registered model's name or a model folder (``resolve_model``). Raises UnusableModel for a
+    model or checkpoint of ``owner`` that exists (or existed) but cannot be loaded, saying why."""
+    parsed = parse_fine_tuned(reference)
+    if parsed is None:
+        return resolve_model(settings, reference)
+    job_id, step = parsed
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner:
+        return None
+    if step is None:
+        if fine_tuned_name(job.model, job.suffix, job.id) != reference:
+            return None
+        if job.status != JobStatus.SUCCEEDED.value:
+            raise UnusableModel(f"job {job.id} has not succeeded (it is {job.status}): {reference} does not exist; "
+                                "name a checkpoint of the job, or wait until it has succeeded")
+        if not job.fine_tuned_model:
+            raise UnusableModel(f"job {job.id} saved no final model (save_final_model=false); name one of its "
+                                f"checkpoints ({reference}:ckpt-step-<N>)")
+        _check_not_deleted(job, reference)
+        folder = model_folder(settings, job)
+        if not _is_model_folder(folder):
+            raise UnusableModel(f"the files of {reference} are gone from the service's data folder")
+        return folder
+    if checkpoint_name(job.model, job.suffix, job.id, step) != reference:
+        return None
+    row = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
+                          .order_by(Checkpoint.id.desc())).first()
+    if row is None:
+        raise UnusableModel(f"job {job.id} has no checkpoint at step {step}; "
+                            f"GET /v1/fine_tuning/jobs/{job.id}/checkpoints lists them")
+    _check_not_deleted(job, reference)
+    if row.deleted_at is not None:
+        raise UnusableModel(f"checkpoint {reference} was removed (the job keeps only its last keep_checkpoints); "
+                            "name a later checkpoint or the fine-tuned model")
+    folder = checkpoint_folder(settings, row)
+    if _is_model_folder(folder):
+        return folder
+    if _is_partitioned(folder):
+        raise UnusableModel(f"checkpoint {reference} was saved partitioned over the job's {job.gpus} devices "
+                            "(ZeRO-3 shards, no config.json or weights): it can resume that job but is not a "
+                            "model folder; name the job's fine-tuned model instead")
+    raise UnusableModel(f"the files of checkpoint {reference} are gone from the service's data folder")
+
+
+def _check_not_deleted(job: Job, reference: str) -> None:
+    if job.model_deleted_at is not None:
+        raise UnusableModel(f"{reference} was deleted (DELETE /v1/models), with its checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------- shape, vocabulary
+def _config_bytes(folder: str | Path) -> tuple[Path, bytes]:
+    folder = Path(folder).resolve()
+    return folder, (folder / "config.json").read_bytes()
+
+
+@functools.lru_cache(maxsize=128)
+def _shape_of(folder: str, digest: str, config_text: str) -> ModelShape:
+    from lomo_core import memory_model
+
+    return memory_model.model_shape(json.loads(config_text))
+
+
+def model_shape(folder: str | Path) -> ModelShape:
+    """``lomo_core.memory_model.model_shape`` of a model folder, cached by the folder and the content of
+    its config.json (a changed config is read again)."""
+    path, config = _config_bytes(folder)
+    return _shape_of(str(path), hashlib.sha256(config).hexdigest(), config.decode())
+
+
+#: the files a tokenizer may be read from; a folder with none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "added_tokens.json", "special_tokens_map.json")
+
+
+def _tokenizer_fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    found = []
+    for name in TOKENIZER_FILES:
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            continue
+        found.append((name, stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=128)
+def _tokenizer_size_of(folder: str, fingerprint: tuple[tuple[str, int, int], ...]) -> int | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(folder))
+    except Exception:  # noqa: BLE001 - not a tokenizer this check can read: training reports its own error
+        return None
+
+
+def tokenizer_size(folder: str | Path) -> int | None:
+    """``len(tokenizer)`` of the tokenizer saved in a model folder (base vocabulary and added tokens), or
+    None when the folder has no tokenizer (or none that loads); cached by the tokenizer files' size and
+    modification time."""
+    path = Path(folder).resolve()
+    fingerprint = _tokenizer_fingerprint(path)
+    if not fingerprint:
+        return None
+    return _tokenizer_size_of(str(path), fingerprint)
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    for values in (config, config.get("text_config") or {}):
+        if isinstance(values, dict) and isinstance(values.get("vocab_size"), int):
+            return values["vocab_size"]
+    return None
+
+
+def vocabulary_problem(folder: str | Path, reference: str) -> str | None:
+    """Why the tokenizer of a model folder can produce ids its embedding has no row for, or None (also
+    for a folder without a tokenizer). ``reference`` is how the message names the model."""
+    try:
+        vocab = _vocab_size(json.loads(_config_bytes(folder)[1]))
+    except (OSError, ValueError):  # no readable config: what loads the model reports it
+        return None
+    size = tokenizer_size(folder)
+    if vocab is None or size is None or size <= vocab:
+        return None
+    return (f"the tokenizer of {reference} has {size} tokens (with its added tokens) but the model's embedding has "
+            f"{vocab} rows (config.json vocab_size): token ids {vocab} to {size - 1} would fail in training "
+            "('index out of range'); resize the embeddings with model.resize_token_embeddings(len(tokenizer)) "
+            "and save the model with its tokenizer, or use a tokenizer without the added tokens")
+
+
+# ---------------------------------------------------------------------------------------------- the models API
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model as ``/v1/models`` shows it: a registered base model, or a fine-tuned model or checkpoint."""
+
+    id: str
+    created: datetime
+    owned_by: str
+    job_id: str | None = None
+    step: int | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.job_id is None
+
+
+def _mtime(folder: Path) -> datetime:
+    return datetime.fromtimestamp(folder.stat().st_mtime, tz=timezone.utc)
+
+
+def _fine_tuned_entry(job: Job) -> ModelEntry:
+    return ModelEntry(id=job.fine_tuned_model, created=job.finished_at or job.created_at, owned_by=job.owner_id,
+                      job_id=job.id)
+
+
+def list_models(session: Session, settings: Settings, owner: str) -> list[ModelEntry]:
+    """The registered base models (by name), then ``owner``'s fine-tuned models (oldest first)."""
+    entries = []
+    for name in registered_models(settings):
+        folder = registered_folder(settings, name)
+        if folder is not None:
+            entries.append(ModelEntry(id=name, created=_mtime(folder), owned_by="system"))
+    jobs = session.scalars(
+        select(Job).where(Job.owner_id == owner, Job.status == JobStatus.SUCCEEDED.value,
+                          Job.fine_tuned_model.is_not(None), Job.model_deleted_at.is_(None))
+        .order_by(Job.finished_at, Job.id))
+    entries += [_fine_tuned_entry(job) for job in jobs]
+    return entries
+
+
+def get_model(session: Session, settings: Settings, owner: str, name: str) -> ModelEntry:
+    """A registered base model, or a fine-tuned model or checkpoint of ``owner`` that was not deleted;
+    NotFound otherwise (another owner's models are not found either)."""
+    parsed = parse_fine_tuned(name)
+    if parsed is None:
+        folder = registered_folder(settings, name)
+        if folder is None:
+            raise NotFound("model", name)
+        return ModelEntry(id=name, created=_mtime(folder), owned_by="system")
+    job_id, step = parsed
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner or job.model_deleted_at is not None:
+        raise NotFound("model", name)
+    if step is None:
+        if job.status != JobStatus.SUCCEEDED.value or job.fine_tuned_model != name:
+            raise NotFound("model", name)
+        return _fine_tuned_entry(job)
+    row = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step,
+                                                   Checkpoint.deleted_at.is_(None))
+                          .order_by(Checkpoint.id.desc())).first()
+    if row is None or checkpoint_name(job.model, job.suffix, job.id, step) != name:
+        raise NotFound("model", name)
+    return ModelEntry(id=name, created=row.created_at, owned_by=job.owner_id, job_id=job.id, step=step)
+
+
+def jobs_using(session: Session, settings: Settings, name: str, job: Job) -> list[str]:
+    """Queued or running jobs whose ``model`` is the fine-tuned model ``name`` of ``job``, one of its
+    checkpoints, or a path into the job's folder."""
+    by_name = list(session.scalars(
+        select(Job.id).where(Job.status.in_(ACTIVE),
+                             or_(Job.model == name, Job.model.startswith(f"{name}:ckpt-step-", autoescape=True)))
+        .order_by(Job.created_at, Job.id)))
+    root = job_folder(settings, job.id)
+    for other_id, reference in session.execute(
+            select(Job.id, Job.model).where(Job.status.in_(ACTIVE), Job.model.not_like("ft:%"))):
+        try:
+            inside = Path(reference).resolve().is_relative_to(root)
+        except (OSError, ValueError):
+            continue
+        if inside and other_id not in by_name:
+            by_name.append(other_id)
+    return by_name
+
+
+def delete_model(session: Session, settings: Settings, owner: str, name: str) -> Job:
+    """Delete ``owner``'s fine-tuned model ``name``: its folder and its checkpoints' folders are removed,
+    the job is marked (``model_deleted_at``, and its checkpoints' ``deleted_at``); the job row stays.
+
+    NotFound for an unknown model or another owner's; ModelNotDeletable for a registered base model or
+    a checkpoint's name; Conflict when a queued or running job trains from it."""
+    entry = get_model(session, settings, owner, name)
+    if entry.is_base:
+        raise ModelNotDeletable(f"{name} is a registered base model of this deployment (owned by system); only "
+                                "fine-tuned models (ft:...) can be deleted")
+    if entry.step is not None:
+        raise ModelNotDeletable(f"{name} is a checkpoint; checkpoints are deleted with their fine-tuned model "
+                                f"(DELETE /v1/models/{name.rsplit(':', 1)[0]})")
+    job = session.get(Job, entry.job_id)
+    users = jobs_using(session, settings, name, job)
+    if users:
+        raise Conflict(f"model {name} is the model of job(s) {', '.join(users)} that have not finished; cancel "
+                       "them or wait until they end", code="model_in_use")
+    now = utcnow()
+    job.model_deleted_at = now
+    for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.deleted_at.is_(None))):
+        row.deleted_at = now
+    session.flush()
+    root = job_folder(settings, job.id)
+    shutil.rmtree(root / "model", ignore_errors=True)
+    shutil.rmtree(root / "checkpoints", ignore_errors=True)
+    return job
+
+
+#: what ``from_pretrained`` reads of a model folder (weights, config, tokenizer); never trainer or
+#: optimizer state
+MODEL_FILES = ("config.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+               "preprocessor_config.json", *TOKENIZER_FILES)
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The regular files of a model folder that a copy of the model needs, by name (symbolic links are
+    left out: only what the job wrote is served)."""
+    chosen = []
+    for path in sorted(folder.iterdir()):
+        if path.is_symlink() or not path.is_file():
+            continue
+        if path.name in MODEL_FILES or any(path.match(p) for p in MODEL_FILE_PATTERNS):
+            chosen.append(path)
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -35,10 +399,11 @@ FINE_TUNED_PREFIX = "ft:"
 
 def base_name(model_reference: str) -> str:
     """The base model's name in a fine-tuned model's name: a registered model's name, a folder's last
-    part, or the base of a fine-tuned model that was itself fine-tuned."""
+    part, or the base of a fine-tuned model that was itself fine-tuned (a ':' becomes '-', so that the
+    name parses back)."""
     if model_reference.startswith(FINE_TUNED_PREFIX):
         return model_reference.split(":")[1]
-    return Path(model_reference.rstrip("/")).name or "model"
+    return (Path(model_reference.rstrip("/")).name or "model").replace(":", "-")
 
 
 def fine_tuned_name(model_reference: str, suffix: str | None, job_id: str) -> str:

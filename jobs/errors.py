@@ -17,7 +17,11 @@ class NotFound(ServiceError):
 
 
 class Conflict(ServiceError):
-    pass
+    """The request conflicts with the state of what it names (a finished job, a file in use)."""
+
+    def __init__(self, message: str, code: str = "conflict") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Uploaded files: checked line by line at upload, stored under the data folder, soft-deleted.
+"""Files: uploads checked line by line, and the files jobs produce (results), stored under the data
+folder and soft-deleted.
 
 A refused upload leaves no trace; a row never points at nothing (the file is moved into place first).
 """
@@ -11,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
@@ -68,6 +69,34 @@ def store_file(
     return row
 
 
+def store_result_file(
+    session: Session, settings: Settings, owner: str, filename: str, content: bytes,
+    purpose: str = "fine-tune-results",
+) -> File:
+    """Keep a file a job produced (e.g. its results CSV) for ``owner``, without the training-data check.
+
+    ``records`` counts the lines after the first (a CSV's header); ``format`` is ``"csv"``. The bytes
+    are written to a temporary name and renamed into place before the row is added, so a row never
+    points at a partial file.
+    """
+    name = Path(filename or "results.csv").name
+    suffix = Path(name).suffix.lower() or ".csv"
+    ensure_user(session, owner)
+    file_id = new_id("file")
+    relative = Path("files") / f"{file_id}{suffix}"
+    target = settings.data_dir / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    partial.write_bytes(content)
+    os.replace(partial, target)
+    lines = content.count(b"\n") + (1 if content and not content.endswith(b"\n") else 0)
+    row = File(id=file_id, owner_id=owner, filename=name, purpose=purpose, bytes=len(content),
+               storage_path=str(relative), records=max(lines - 1, 0), data_format="csv")
+    session.add(row)
+    session.flush()
+    return row
+
+
 @dataclass
 class _EvalUploadCheck:
     records: int
@@ -112,20 +141,60 @@ def get_file(session: Session, owner: str, file_id: str) -> File:
     return row
 
 
-def list_files(session: Session, owner: str, purpose: str | None = None) -> list[File]:
+def list_files(
+    session: Session, owner: str, purpose: str | None = None, after: str | None = None, limit: int = 10000,
+    order: str = "desc",
+) -> tuple[list[File], bool]:
+    """The owner's files by ``created_at`` (then id), newest first unless ``order`` is ``"asc"``, at most
+    ``limit`` of them, and whether more follow.
+
+    ``after`` is the id of the last file of the previous page; a file deleted since still marks its
+    place, an id the owner never had is an InvalidRequest naming ``after``.
+    """
     query = select(File).where(File.owner_id == owner, File.deleted_at.is_(None))
     if purpose:
         query = query.where(File.purpose == purpose)
-    return list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc())))
+    if after is not None:
+        cursor = session.get(File, after)
+        if cursor is None or cursor.owner_id != owner:
+            raise InvalidRequest([Problem("after", f"no file with id {after!r}")])
+        if order == "asc":
+            query = query.where(or_(File.created_at > cursor.created_at,
+                                    and_(File.created_at == cursor.created_at, File.id > cursor.id)))
+        else:
+            query = query.where(or_(File.created_at < cursor.created_at,
+                                    and_(File.created_at == cursor.created_at, File.id < cursor.id)))
+    if order == "asc":
+        query = query.order_by(File.created_at.asc(), File.id.asc())
+    else:
+        query = query.order_by(File.created_at.desc(), File.id.desc())
+    rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
-def delete_file(session: Session, settings: Settings, owner: str, file_id: str) -> File:
-    row = get_file(session, owner, file_id)
-    users = session.scalars(
+def jobs_using(session: Session, owner: str, file_id: str) -> list[str]:
+    """The ids of the jobs that have not finished and name the file: as training or validation file
+    (any owner's job), or in an evaluation (``file`` or ``fewshot_file``) of one of the owner's jobs."""
+    users = set(session.scalars(
         select(Job.id).where(
             or_(Job.training_file_id == file_id, Job.validation_file_id == file_id), Job.status.in_(ACTIVE)
         )
-    ).all()
+    ))
+    # evals is a JSON list: read the owner's unfinished jobs' lists and look in Python (the same on
+    # SQLite and Postgres); only jobs of the file's owner may name it
+    for job_id, evals in session.execute(
+        select(Job.id, Job.evals).where(Job.owner_id == owner, Job.status.in_(ACTIVE))
+    ):
+        for spec in evals or []:
+            if isinstance(spec, dict) and file_id in (spec.get("file"), spec.get("fewshot_file")):
+                users.add(job_id)
+    return sorted(users)
+
+
+def delete_file(session: Session, settings: Settings, owner: str, file_id: str) -> File:
+    """Remove the stored bytes and mark the row deleted; a Conflict while an unfinished job names it."""
+    row = get_file(session, owner, file_id)
+    users = jobs_using(session, owner, file_id)
     if users:
         raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} that have not finished")
     (settings.data_dir / row.storage_path).unlink(missing_ok=True)

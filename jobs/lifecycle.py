@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from jobs import idempotency
 from jobs.admission import checked_request, predict_memory
 from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
 from jobs.events import add_event
@@ -18,15 +19,22 @@ from jobs.schemas import HYPERPARAMETERS, JobCreate
 from jobs.settings import Settings
 from jobs.states import TERMINAL, JobStatus, transition_values
 
+#: the route name Idempotency-Keys of job creation are stored under
+CREATE_ROUTE = "fine_tuning.jobs.create"
 
-def create_job(session: Session, settings: Settings, owner: str, request: JobCreate) -> Job:
+
+def create_job(session: Session, settings: Settings, owner: str, request: JobCreate,
+               idempotency_key: str | None = None) -> Job:
     """Validate everything a job needs, then write it ``queued``. The caller commits, then enqueues.
 
     A job the memory model says cannot fit on all the devices of a node is refused; with a pinned GPU
-    count that the model says is too few, the job is accepted with a warning."""
+    count that the model says is too few, the job is accepted with a warning. With an
+    ``idempotency_key``, the key is stored with the job in this transaction (``jobs.idempotency``:
+    the caller looks it up first)."""
     job_id = new_id("ftjob")
-    model, train, val, resolved, evals = checked_request(session, settings, owner, request, job_id)
-    prediction = predict_memory(session, settings, model, resolved, request.gpus)
+    admitted = checked_request(session, settings, owner, request, job_id)
+    resolved, train = admitted.resolved, admitted.train
+    prediction = predict_memory(session, settings, admitted.model, resolved, request.gpus)
     if prediction.get("available") and not prediction["fits"] and request.gpus is None:
         raise InvalidRequest([Problem("model", f"the job cannot fit on this deployment: it {prediction['reason']}; "
                                                "lower batch_size or max_seq_len, turn on gradient_checkpointing, "
@@ -34,16 +42,25 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
                              code="insufficient_memory")
     job = Job(
         id=job_id, owner_id=owner, status=JobStatus.QUEUED.value, model=request.model,
-        training_file_id=train.id, validation_file_id=val.id if val else None, method=request.method,
-        hyperparameters={name: resolved[name] for name in HYPERPARAMETERS}, suffix=request.suffix,
-        metadata_=dict(request.metadata), created_at=utcnow(), predicted_memory=prediction,
-        gpus=request.gpus or prediction.get("gpus") or 1, priority=request.priority, evals=evals or None,
+        training_file_id=train.id, validation_file_id=admitted.val.id if admitted.val else None,
+        method=request.optimizer, hyperparameters={name: resolved[name] for name in HYPERPARAMETERS},
+        suffix=request.suffix or None, metadata_=dict(request.metadata or {}), created_at=utcnow(),
+        predicted_memory=prediction, gpus=request.gpus or prediction.get("gpus") or 1, priority=request.priority,
+        evals=admitted.evals or None,
+        integrations=[i.model_dump() for i in request.integrations] if request.integrations else None,
     )
     session.add(job)
     session.flush()
-    add_event(session, job.id, f"job created: {request.method} on {request.model}, "
+    idempotency.remember(session, owner, CREATE_ROUTE, idempotency_key, job.id)
+    add_event(session, job.id, f"job created: {request.optimizer} on {request.model}, "
                                f"{train.records} training records")
-    if job.gpus > 1 and any(spec.get("at_checkpoints") for spec in evals):
+    if admitted.batch_choice is not None:
+        add_event(session, job.id, f"batch_size auto: {admitted.batch_choice.reason}",
+                  data={"batch_size": admitted.batch_choice.batch_size})
+    if request.integrations:
+        add_event(session, job.id, "integrations are stored with the job; this service sends nothing to "
+                                   f"{', '.join(sorted({i.type for i in request.integrations}))}", "warning")
+    if job.gpus > 1 and any(spec.get("at_checkpoints") for spec in admitted.evals):
         add_event(session, job.id, f"at_checkpoints is ignored: this job runs on {job.gpus} devices, where "
                                    "checkpoints are partitioned; the base and fine-tuned models are still scored",
                   "warning")

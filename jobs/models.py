@@ -74,8 +74,6 @@ class Job(Base):
     training_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"), index=True)
     validation_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"), index=True)
     method: Mapped[str] = mapped_column(String(32))
-    #: the ``method`` object the job was created with (OpenAI's shape), echoed back
-    method_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: integrations the client asked for (stored and echoed; none is acted on)
     integrations: Mapped[list[Any] | None] = mapped_column(JSON)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -166,7 +164,7 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: the training figures at this step (``step``, ``train_loss``, ``valid_loss``, ...)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    #: when ``keep_checkpoints`` removed its folder (the row stays, marked)
+    #: when its folder went: removed by ``keep_checkpoints``, or with its deleted model (the row stays, marked)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

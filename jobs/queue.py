@@ -50,7 +50,7 @@ def enqueue(settings: Settings, job_id: str, countdown: float | None = None, pol
     """Send ``run_job(job_id)`` (after ``countdown`` seconds): a wake-up for the workers, which start the
     first job of the queue they can. ``poll=False`` sends one that is not re-sent when nothing can
     start. Raises when the broker cannot be reached (the job stays queued in the database, and every
-    worker re-sends queued jobs when it starts)."""
+    starting worker sends a wake-up per slot while jobs are queued)."""
     app = _producer(settings.model_dump_json())
     app.send_task(RUN_JOB, args=[job_id], kwargs={} if poll else {"poll": False}, queue=settings.queue,
                   countdown=countdown, retry=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from jobs.lifecycle import get_job
@@ -34,25 +34,44 @@ def list_metrics(session: Session, owner: str, job_id: str, kind: str | None = N
     return rows[:limit], len(rows) > limit
 
 
-def list_checkpoints(session: Session, owner: str, job_id: str) -> list[Checkpoint]:
+def list_checkpoints(session: Session, owner: str, job_id: str, after: int | None = None,
+                     limit: int = 10) -> tuple[list[Checkpoint], bool]:
+    """The checkpoints still on disk, newest first; ``after`` is the id of the last one of the previous
+    page. Those ``keep_checkpoints`` removed are marked (``deleted_at``) and not listed."""
     get_job(session, owner, job_id)
-    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.deleted_at.is_(None))
+    if after is not None:
+        query = query.where(Checkpoint.id < after)
+    rows = list(session.scalars(query.order_by(Checkpoint.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
-def list_evals(session: Session, owner: str, job_id: str) -> list[EvalResult]:
+def list_evals(session: Session, owner: str, job_id: str, after: int | None = None,
+               limit: int = 100) -> tuple[list[EvalResult], bool]:
+    """Scores in the order they were recorded (base model first); ``after`` is the id of the last score
+    of the previous page."""
     get_job(session, owner, job_id)
-    return list(session.scalars(select(EvalResult).where(EvalResult.job_id == job_id).order_by(EvalResult.id)))
+    query = select(EvalResult).where(EvalResult.job_id == job_id)
+    if after is not None:
+        query = query.where(EvalResult.id > after)
+    rows = list(session.scalars(query.order_by(EvalResult.id).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def memory_summary(session: Session, owner: str, job_id: str) -> dict[str, Any]:
-    """The predicted figures and, per rank, the largest measured peak with its breakdown."""
+    """The predicted figures and, per rank, the largest measured peak with its breakdown (the first
+    sample of that peak). Only those samples are read: a CUDA job has one per step and rank."""
     job = get_job(session, owner, job_id)
-    samples = list(session.scalars(select(MemorySample).where(MemorySample.job_id == job_id)))
+    count = session.scalar(select(func.count()).select_from(MemorySample).where(MemorySample.job_id == job_id))
+    peaks = (select(MemorySample.rank, func.max(MemorySample.peak_bytes).label("peak"))
+             .where(MemorySample.job_id == job_id).group_by(MemorySample.rank).subquery())
+    best = session.scalars(
+        select(MemorySample).join(peaks, and_(MemorySample.rank == peaks.c.rank,
+                                              MemorySample.peak_bytes == peaks.c.peak))
+        .where(MemorySample.job_id == job_id).order_by(MemorySample.rank, MemorySample.id))
     ranks: dict[int, MemorySample] = {}
-    for sample in samples:
-        best = ranks.get(sample.rank)
-        if best is None or sample.peak_bytes > best.peak_bytes:
-            ranks[sample.rank] = sample
+    for sample in best:
+        ranks.setdefault(sample.rank, sample)
     measured = [
         {"rank": rank, "step": s.step, "device": s.device, "source": s.source, "peak_bytes": s.peak_bytes,
          "parameters_bytes": s.parameters_bytes, "gradients_bytes": s.gradients_bytes,
@@ -60,4 +79,4 @@ def memory_summary(session: Session, owner: str, job_id: str) -> dict[str, Any]:
          "other_bytes": s.other_bytes}
         for rank, s in sorted(ranks.items())
     ]
-    return {"job_id": job_id, "predicted": job.predicted_memory, "measured": measured, "samples": len(samples)}
+    return {"job_id": job_id, "predicted": job.predicted_memory, "measured": measured, "samples": count}

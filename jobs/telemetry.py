@@ -3,14 +3,22 @@ the heartbeat and the estimated finish, a batch at a time in one transaction."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from jobs.admission import job_output_dir
+from jobs.catalog import checkpoint_name
 from jobs.events import add_event
+from jobs.files import store_result_file
 from jobs.models import Checkpoint, EvalResult, Job, MemorySample, MetricPoint, utcnow
+from jobs.settings import Settings
 
 _MEMORY_FIELDS = ("peak_bytes", "parameters_bytes", "gradients_bytes", "optimizer_state_bytes",
                   "activations_bytes", "other_bytes")
@@ -23,6 +31,7 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
     if job is None:
         return True
     now = utcnow()
+    last: dict[str, float | None] = {"train": None, "val": None}  # the latest losses, for checkpoints' metrics
     for kind, step, payload in records:
         if kind == "start":
             job.total_steps = payload.get("total_steps")
@@ -34,20 +43,24 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
             session.add(MetricPoint(job_id=job_id, step=step, kind="train", loss=payload["loss"],
                                     lr=payload.get("lr"), tokens_per_s=payload.get("tokens_per_s"),
                                     grad_norm=payload.get("grad_norm"), created_at=now))
-            job.step = step
+            job.step, last["train"] = step, payload["loss"]
             job.trained_tokens = (job.trained_tokens or 0) + int(payload.get("tokens", 0))
             if payload.get("skipped"):
                 add_event(session, job_id, f"step {step} skipped: fp16 overflow (loss scale lowered)", "warning")
         elif kind == "val":
             session.add(MetricPoint(job_id=job_id, step=step, kind="val", loss=payload["loss"], created_at=now))
+            last["val"] = payload["loss"]
+            metrics = {"step": step, "train_loss": _latest(session, job_id, "train", last),
+                       "valid_loss": payload["loss"]}
+            add_event(session, job_id, f"step {step}: validation loss {payload['loss']:.4f}", data=metrics)
         elif kind == "memory":
             session.add(MemorySample(job_id=job_id, step=step, rank=int(payload.get("rank", rank)),
                                      device=str(payload.get("device")),
                                      source=str(payload.get("source")),
                                      **{k: int(payload.get(k, 0)) for k in _MEMORY_FIELDS}))
         elif kind == "checkpoint":
-            session.add(Checkpoint(job_id=job_id, step=step, path=payload["path"], created_at=now))
-            add_event(session, job_id, f"checkpoint saved at step {step}", data=payload)
+            record_checkpoint(session, job, step, payload["path"], _latest(session, job_id, "train", last),
+                              _latest(session, job_id, "val", last))
         elif kind == "event":
             add_event(session, job_id, payload.get("message", ""), payload.get("level", "info"))
         elif kind == "eval":
@@ -56,6 +69,29 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
     job.heartbeat_at = now
     _update_estimate(job, now)
     return bool(job.cancel_requested)
+
+
+def _latest(session: Session, job_id: str, kind: str, last: dict[str, float | None]) -> float | None:
+    """The latest loss of ``kind`` (train | val): from this batch of records, else the stored ones."""
+    if last[kind] is not None:
+        return last[kind]
+    session.flush()
+    return session.scalar(select(MetricPoint.loss).where(MetricPoint.job_id == job_id, MetricPoint.kind == kind)
+                          .order_by(MetricPoint.step.desc(), MetricPoint.id.desc()).limit(1))
+
+
+def record_checkpoint(session: Session, job: Job, step: int, path: str, train_loss: float | None,
+                      valid_loss: float | None, final: bool = False) -> None:
+    """A checkpoint row with its figures; rows whose folder ``keep_checkpoints`` has removed since are
+    marked deleted (they are not listed, and their names no longer resolve)."""
+    metrics = {"train_loss": train_loss, "valid_loss": valid_loss}
+    session.add(Checkpoint(job_id=job.id, step=step, path=path, created_at=utcnow(), metrics=metrics))
+    for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.deleted_at.is_(None))):
+        if row.path != path and not Path(row.path).is_dir():
+            row.deleted_at = utcnow()
+    name = checkpoint_name(job.model, job.suffix, job.id, step)
+    add_event(session, job.id, f"{'final model' if final else 'checkpoint'} saved at step {step}: {name}",
+              data={"step": step, "checkpoint": name, **metrics})
 
 
 def _update_estimate(job: Job, now: datetime) -> None:
@@ -72,3 +108,38 @@ def record_eval(session: Session, job_id: str, task: str, split: str, metric: st
                 model_ref: str, truncated: int = 0) -> None:
     session.add(EvalResult(job_id=job_id, task=task, split=split, metric=metric, value=value,
                            examples=examples, model_ref=model_ref, truncated=truncated, created_at=utcnow()))
+
+
+def publish_results(session: Session, settings: Settings, job_id: str) -> list[str]:
+    """At a job's success: its final model listed as its last checkpoint, and its metrics as a CSV file
+    of the job's owner (OpenAI's columns first). Returns the result files' ids."""
+    job = session.get(Job, job_id)
+    model_dir = job_output_dir(settings, job_id) / "model"
+    if model_dir.is_dir() and not session.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id,
+                                                                             Checkpoint.step == job.step)):
+        record_checkpoint(session, job, job.step, str(model_dir), _latest(session, job_id, "train", {"train": None}),
+                          _latest(session, job_id, "val", {"val": None}), final=True)
+    table = store_result_file(session, settings, job.owner_id, f"{job_id}-metrics.csv", metrics_csv(session, job_id))
+    return [table.id]
+
+
+def metrics_csv(session: Session, job_id: str) -> bytes:
+    """One row per step: OpenAI's columns (``step,train_loss,train_accuracy,valid_loss,
+    valid_mean_token_accuracy``; accuracies are not measured here and stay empty), then ``lr``,
+    ``tokens_per_s`` and ``grad_norm``."""
+    rows: dict[int, dict[str, Any]] = {}
+    for point in session.scalars(select(MetricPoint).where(MetricPoint.job_id == job_id)
+                                 .order_by(MetricPoint.step, MetricPoint.id)):
+        row = rows.setdefault(point.step, {})
+        if point.kind == "train":
+            row.update(train_loss=point.loss, lr=point.lr, tokens_per_s=point.tokens_per_s, grad_norm=point.grad_norm)
+        else:
+            row["valid_loss"] = point.loss
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    columns = ("train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy", "lr", "tokens_per_s",
+               "grad_norm")
+    writer.writerow(("step", *columns))
+    for step in sorted(rows):
+        writer.writerow((step, *("" if rows[step].get(c) is None else rows[step][c] for c in columns)))
+    return out.getvalue().encode()

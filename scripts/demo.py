@@ -133,7 +133,8 @@ def show(client: LomoClient, job: dict) -> None:
         console.print(f"  {event['level']:7} {event['message']}")
     prompt = "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
     console.print("[bold]before:[/] " + generate(MODELS / "stories260K", prompt))
-    console.print("[bold]after: [/] " + generate(Path(job["fine_tuned_model"]), prompt))
+    folder = client.download_model(job["fine_tuned_model"], HOME / "downloads")  # GET /v1/models/{name}/content
+    console.print("[bold]after: [/] " + generate(folder, prompt))
 
 
 def main() -> int:

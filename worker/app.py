@@ -3,7 +3,8 @@
 One task, ``lomo.run_job(job_id)``. Messages are acknowledged only when the job has ended
 (``acks_late``) and a worker takes one at a time (prefetch 1); a duplicated or re-delivered message
 is harmless because the job is claimed with one conditional UPDATE. When a worker starts it applies
-the migrations and re-sends every queued job, so a job whose message was lost still runs.
+the migrations and sends a wake-up per slot while jobs are queued, so a job whose message was lost
+still runs, and restarting workers does not multiply messages.
 """
 
 from __future__ import annotations
@@ -56,7 +57,17 @@ def _migrate(**_kwargs) -> None:
 
 
 @worker_ready.connect
-def _resend_queued(**_kwargs) -> None:
+def _at_start(**_kwargs) -> None:
+    start_node(settings)
+
+
+def start_node(settings: Settings) -> None:
+    """Register this node's GPUs, take back the leases of jobs that ended without releasing them, and
+    wake the workers for what is queued.
+
+    A message is a wake-up and the queue decides what runs, so a starting worker needs only enough of
+    them to fill its own slots (one per GPU): jobs whose messages were lost (submitted while the broker
+    was down) start in queue order, and restarts do not multiply the messages in the broker."""
     db = database(settings.resolved_database_url())
     try:
         with db.session() as session:
@@ -69,7 +80,13 @@ def _resend_queued(**_kwargs) -> None:
         queued = lifecycle.queued_job_ids(session)
     if returned:
         log.info("released the GPUs of ended job(s) %s", ", ".join(returned))
-    for job_id in queued:
-        enqueue(settings, job_id)
-    if queued:
-        log.info("re-sent %d queued job(s) (duplicates are harmless: a job is claimed once)", len(queued))
+    wake = queued[:startup_wake_ups(settings)]
+    for job_id in wake:
+        enqueue(settings, job_id, poll=False)
+    if wake:
+        log.info("%d job(s) queued: sent %d wake-up(s), one per slot of this worker", len(queued), len(wake))
+
+
+def startup_wake_ups(settings: Settings) -> int:
+    """How many wake-ups a starting worker sends: one per slot (``lomo worker`` runs one per GPU)."""
+    return max(len(settings.gpu_memory_gib), 1)

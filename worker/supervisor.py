@@ -106,6 +106,8 @@ class JobRunner:
             with self.db.session() as session:
                 leases.release(session, job_id)
         with self.db.session() as session:
+            if outcome.status is JobStatus.SUCCEEDED:  # the final model as the last checkpoint, the metrics CSV
+                outcome.result_files = telemetry.publish_results(session, self.settings, job_id)
             lifecycle.finish_job(session, job_id, outcome)
             waiting = len(lifecycle.queued_job_ids(session))
         for _ in range(min(waiting, len(devices) if devices is not None else 1)):
@@ -131,12 +133,16 @@ class JobRunner:
         settings = self.settings
         with self.db.session() as session:
             job = session.get(Job, job_id)
-            model = catalog.resolve_model(settings, job.model)
+            try:
+                model = catalog.resolve_reference(session, settings, job.owner_id, job.model)
+            except catalog.UnusableModel as e:
+                return lifecycle.Outcome(JobStatus.FAILED, "model_not_found", str(e), "model")
             if model is None:
                 return lifecycle.Outcome(
                     JobStatus.FAILED, "model_not_found",
-                    f"model {job.model!r} is not a model folder this worker can read (no config.json there) "
-                    f"and not a registered model on {settings.worker_name}", "model")
+                    f"model {job.model!r} is not a model folder this worker can read (no config.json there), "
+                    f"not a registered model on {settings.worker_name}, and not a fine-tuned model of the job's "
+                    "owner", "model")
             paths: dict[str, Path | None] = {}
             names: dict[str, str] = {}
             for param, file_id in (("training_file", job.training_file_id),
@@ -255,9 +261,12 @@ class JobRunner:
         kind = final.get("kind")
         if kind == "done" and report.returncode == 0:
             self._record_validation(job_id, report)
-            results = [str(output_dir / name) for name in ("metrics.jsonl", "summary.json", "memory.json")
-                       if (output_dir / name).is_file()]
-            return lifecycle.Outcome(JobStatus.SUCCEEDED, fine_tuned_model=final.get("model_dir"), result_files=results)
+            name = None
+            if final.get("model_dir"):  # the child saved the model in output_dir/"model"; clients get its name
+                with self.db.session() as session:
+                    job = session.get(Job, job_id)
+                    name = catalog.fine_tuned_name(job.model, job.suffix, job.id)
+            return lifecycle.Outcome(JobStatus.SUCCEEDED, fine_tuned_model=name)
         if kind == "cancelled" or report.cancel_requested:
             how = "killed after the grace period" if report.killed else "stopped at a step boundary"
             with self.db.session() as session:

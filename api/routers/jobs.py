@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
+from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
 from api.errors import CONFLICT, ERRORS
 from api.schemas import CheckpointList, EvalList, EventList, JobList, JobObject, MemoryObject, MetricList
-from api.views import checkpoint_object, eval_object, event_object, job_object, metric_object
-from jobs import errors, events, lifecycle, results
+from api.views import (
+    CHECKPOINT_PREFIX,
+    EVAL_PREFIX,
+    EVENT_PREFIX,
+    checkpoint_object,
+    eval_object,
+    event_object,
+    job_object,
+    metric_object,
+    row_id,
+)
+from jobs import errors, events, idempotency, lifecycle, results
 from jobs.queue import enqueue
 from jobs.schemas import JobCreate
 from jobs.states import JobStatus
@@ -22,9 +33,23 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
 @router.post("", response_model=JobObject, responses=ERRORS,
              summary="Create a fine-tuning job (validated in full before it is queued)")
-def create_job(body: JobCreate, db: DatabaseDep, settings: SettingsDep, caller: CallerDep) -> Any:
-    with db.session() as session:  # committed before the message is sent: a worker finds the row
-        job = lifecycle.create_job(session, settings, caller.user_id, body)
+def create_job(body: JobCreate, db: DatabaseDep, settings: SettingsDep, caller: CallerDep,
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> Any:
+    key = idempotency.check_key(idempotency_key)
+    route = lifecycle.CREATE_ROUTE
+    with db.session() as session:
+        earlier = idempotency.recall(session, caller.user_id, route, key)
+        if earlier is not None:  # a retried create: the job the first request made
+            return job_object(lifecycle.get_job(session, caller.user_id, earlier))
+    try:
+        with db.session() as session:  # committed before the message is sent: a worker finds the row
+            job = lifecycle.create_job(session, settings, caller.user_id, body, key)
+    except IntegrityError:  # a concurrent request with the same key won: answer with its job
+        with db.session() as session:
+            earlier = idempotency.recall(session, caller.user_id, route, key)
+            if earlier is None:
+                raise
+            return job_object(lifecycle.get_job(session, caller.user_id, earlier))
     try:
         enqueue(settings, job.id)
     except Exception as e:  # the job is safe in the database; workers re-send queued jobs when they start
@@ -66,18 +91,40 @@ def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
     return job_object(lifecycle.cancel_job(session, caller.user_id, job_id))
 
 
+@router.post("/{job_id}/pause", response_model=JobObject, responses={**ERRORS, **CONFLICT},
+             summary="Pause a running job (not available yet: answers 409)")
+def pause_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
+    lifecycle.get_job(session, caller.user_id, job_id)
+    raise errors.Conflict("pausing is not available yet: a paused job would need to checkpoint and free its GPUs, "
+                          "which this version does not do; cancel the job, or let it run", code="not_available")
+
+
+@router.post("/{job_id}/resume", response_model=JobObject, responses={**ERRORS, **CONFLICT},
+             summary="Resume a paused job (not available yet: answers 409)")
+def resume_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
+    lifecycle.get_job(session, caller.user_id, job_id)
+    raise errors.Conflict("resuming is not available yet: jobs cannot be paused in this version, so there is "
+                          "nothing to resume", code="not_available")
+
+
 @router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)
 def list_events(job_id: str, session: SessionDep, caller: CallerDep,
-                after: int | None = Query(None, description="id of the last event seen"),
+                after: str | None = Query(None, description="id of the last event of the previous page (newest "
+                                                            "first)"),
                 limit: int = Query(20, ge=1, le=1000)) -> Any:
-    rows, more = results.list_events(session, caller.user_id, job_id, after, limit)
+    rows, more = results.list_events(session, caller.user_id, job_id, row_id(after, EVENT_PREFIX), limit)
     return EventList(data=[event_object(r) for r in rows], has_more=more)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=ERRORS)
-def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    rows = results.list_checkpoints(session, caller.user_id, job_id)
-    return CheckpointList(data=[checkpoint_object(r) for r in rows])
+def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep,
+                     after: str | None = Query(None, description="id of the last checkpoint of the previous page"),
+                     limit: int = Query(10, ge=1, le=100)) -> Any:
+    job = lifecycle.get_job(session, caller.user_id, job_id)
+    rows, more = results.list_checkpoints(session, caller.user_id, job_id, row_id(after, CHECKPOINT_PREFIX), limit)
+    data = [checkpoint_object(r, job) for r in rows]
+    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList, responses=ERRORS,
@@ -95,6 +142,10 @@ def job_memory(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
     return MemoryObject(**results.memory_summary(session, caller.user_id, job_id))
 
 
-@router.get("/{job_id}/evals", response_model=EvalList, responses=ERRORS)
-def list_evals(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    return EvalList(data=[eval_object(r) for r in results.list_evals(session, caller.user_id, job_id)])
+@router.get("/{job_id}/evals", response_model=EvalList, responses=ERRORS,
+            summary="Evaluation scores of the base model, the fine-tuned model and checkpoints")
+def list_evals(job_id: str, session: SessionDep, caller: CallerDep,
+               after: str | None = Query(None, description="id of the last score of the previous page"),
+               limit: int = Query(100, ge=1, le=1000)) -> Any:
+    rows, more = results.list_evals(session, caller.user_id, job_id, row_id(after, EVAL_PREFIX), limit)
+    return EvalList(data=[eval_object(r) for r in rows], has_more=more)

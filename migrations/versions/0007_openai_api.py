@@ -1,4 +1,4 @@
-"""OpenAI-shaped API: the method and integrations a job was created with, deleted fine-tuned models,
+"""OpenAI-shaped API: the integrations a job was created with, deleted fine-tuned models,
 checkpoint metrics and removal, idempotency keys, and indexes on the files a job names
 
 Revision ID: 0007
@@ -19,7 +19,6 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("method_spec", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("integrations", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("model_deleted_at", sa.DateTime(timezone=True), nullable=True))
         batch.create_index("ix_jobs_training_file_id", ["training_file_id"])
@@ -51,4 +50,3 @@ def downgrade() -> None:
         batch.drop_index("ix_jobs_training_file_id")
         batch.drop_column("model_deleted_at")
         batch.drop_column("integrations")
-        batch.drop_column("method_spec")

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from jobs.schemas import BASE_LEARNING_RATE
 from jobs.settings import Settings
 
 GOOD = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
@@ -115,14 +116,18 @@ def test_text_and_chat_files_are_accepted(client):
 
 # ---------------------------------------------------------------------------------------------- jobs
 def test_create_job_returns_the_resolved_job(client, tiny_model_dir, file_id):
-    response = create(client, tiny_model_dir, file_id, method="adalomo", suffix="v1", metadata={"team": "nlp"},
-                      hyperparameters={"lr": 0.01, "max_steps": 5, "dtype": "bf16"})
+    method = {"type": "supervised", "supervised": {"hyperparameters": {
+        "optimizer": "adalomo", "learning_rate_multiplier": 2, "n_epochs": 3, "max_steps": 5, "dtype": "bf16"}}}
+    response = create(client, tiny_model_dir, file_id, method=method, suffix="v1", metadata={"team": "nlp"}, seed=7)
     job = response.json()
     assert response.status_code == 200, job
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
-    assert job["status"] == "queued" and job["method"] == "adalomo" and job["training_file"] == file_id
-    assert job["hyperparameters"]["lr"] == 0.01 and job["hyperparameters"]["dtype"] == "bf16"
-    assert job["hyperparameters"]["batch_size"] == 4  # defaults are filled in and shown
+    assert job["status"] == "queued" and job["optimizer"] == "adalomo" and job["training_file"] == file_id
+    hyper = job["hyperparameters"]
+    assert hyper["learning_rate_multiplier"] == 2 and hyper["lr"] == 2 * BASE_LEARNING_RATE["adalomo"]
+    assert hyper["n_epochs"] == 3 and "epochs" not in hyper and hyper["dtype"] == "bf16" and job["seed"] == 7
+    assert hyper["batch_size"] == 4  # defaults are filled in and shown
+    assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": hyper}}
     assert job["metadata"] == {"team": "nlp"} and job["suffix"] == "v1" and job["priority"] == 0
     assert job["progress"] == {"step": 0, "total_steps": None, "fraction": None} and job["error"] is None
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
@@ -136,11 +141,27 @@ def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
 
 @pytest.mark.parametrize("fields, param, needle", [
     ({"hyperparameters": {"lr": -1}}, "hyperparameters.lr", "greater than 0"),
-    ({"hyperparameters": {"batch_size": "many"}}, "hyperparameters.batch_size", "valid integer"),
+    ({"hyperparameters": {"batch_size": "many"}}, "hyperparameters.batch_size", "whole number"),
+    ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size", "at least 1"),
+    ({"hyperparameters": {"n_epochs": "all"}}, "hyperparameters.n_epochs", "auto"),
+    ({"hyperparameters": {"learning_rate_multiplier": -2}}, "hyperparameters.learning_rate_multiplier",
+     "greater than 0"),
+    ({"hyperparameters": {"learning_rate_multiplier": 2, "lr": 0.1}}, "hyperparameters", "not both"),
     ({"hyperparameters": {"learning_rate": 1}}, "hyperparameters.learning_rate", "not permitted"),
     ({"hyperparameters": {"dtype": "fp8"}}, "hyperparameters.dtype", "fp32"),
-    ({"method": "sgd", "hyperparameters": {"dtype": "fp16"}}, "hyperparameters.dtype", "loss scaling"),
-    ({"method": "rmsprop"}, "method", "lomo"),
+    ({"hyperparameters": {"optimizer": "sgd", "dtype": "fp16"}}, "hyperparameters.dtype", "loss scaling"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"optimizer": "sgd", "dtype": "fp16"}}}},
+     "method.supervised.hyperparameters.dtype", "loss scaling"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"max_steps": 0}}}},
+     "method.supervised.hyperparameters.max_steps", "greater than or equal to 1"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+      "hyperparameters": {"n_epochs": 2}}, None, "not both"),
+    ({"hyperparameters": {"optimizer": "rmsprop"}}, "hyperparameters.optimizer", "lomo"),
+    ({"method": "lomo"}, "method", "hyperparameters.optimizer"),
+    ({"method": {"type": "dpo"}}, "method", "supervised"),
+    ({"method": {"type": "supervised", "supervised": {"extra": 1}}}, "method.supervised.extra", "not permitted"),
+    ({"integrations": [{"type": "slack"}]}, "integrations.0.type", "wandb"),
+    ({"seed": -1}, "seed", "greater than or equal to 0"),
     ({"training_file": "file-nope"}, "training_file", "no uploaded file"),
     ({"validation_file": "file-nope"}, "validation_file", "no uploaded file"),
     ({"model": "/no/such/model"}, "model", "neither a model folder"),
@@ -148,7 +169,7 @@ def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
     ({"suffix": "has space"}, "suffix", "pattern"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16"),
     ({"unknown": 1}, "unknown", "not permitted"),
-    ({"method": "sgd", "gpus": 2}, "gpus", "lomo or adalomo"),
+    ({"hyperparameters": {"optimizer": "sgd"}, "gpus": 2}, "gpus", "lomo or adalomo"),
     ({"gpus": 0}, "gpus", "greater than or equal to 1"),
     ({"priority": 101}, "priority", "less than or equal to 100"),
 ])
@@ -275,8 +296,8 @@ def test_estimates_answer_before_a_job_exists(gpu_node):
 
 def test_a_job_that_cannot_fit_is_refused_with_the_figures(gpu_node):
     client, file_id = gpu_node
-    body = {"model": "llama-7b", "training_file": file_id, "method": "adamw",
-            "hyperparameters": {**PAPER, "dtype": "bf16"}}
+    body = {"model": "llama-7b", "training_file": file_id,
+            "hyperparameters": {**PAPER, "optimizer": "adamw", "dtype": "bf16"}}
     error = error_of(client.post("/v1/fine_tuning/jobs", json=body), 422)
     assert error["code"] == "insufficient_memory" and error["param"] == "model"
     assert "GiB per device on 1 device(s); each has 24.00 GiB" in error["message"]
@@ -296,7 +317,7 @@ def test_jobs_store_their_prediction_and_a_pinned_count_is_warned(gpu_node):
     pinned = create(client, "llama-13b", file_id, hyperparameters=PAPER, gpus=1).json()
     assert pinned["status"] == "queued" and pinned["predicted_memory"]["fits"] is False
     events = client.get(f"/v1/fine_tuning/jobs/{pinned['id']}/events").json()["data"]
-    assert any(e["level"] == "warning" and "predicted memory" in e["message"] for e in events)
+    assert any(e["level"] == "warn" and "predicted memory" in e["message"] for e in events)
 
 
 def test_with_no_gpus_declared_the_api_places_jobs_on_the_gpus_its_workers_registered(tmp_path, database_url):
@@ -363,3 +384,13 @@ def test_a_bad_evaluation_is_refused_at_submission_naming_the_task_or_the_line(c
     few = error_of(create(client, tiny_model_dir, file_id,
                           evals=[{"task": "boolq", "file": file_id, "num_fewshot": 2}]), 422)
     assert few["param"].startswith("evals[0].")
+
+
+def test_a_jobs_result_file_is_not_training_data(client, settings, tiny_model_dir):
+    from jobs import files
+    from jobs.db import database
+
+    with database(settings.resolved_database_url()).session() as s:
+        result = files.store_result_file(s, settings, settings.default_user, "m.csv", b"step,train_loss\n1,2.0\n")
+    error = error_of(create(client, tiny_model_dir, result.id), 422)
+    assert error["param"] == "training_file" and "not training data" in error["message"]

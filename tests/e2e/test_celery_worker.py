@@ -107,13 +107,15 @@ def test_a_job_runs_to_succeeded_and_the_api_returns_its_results(live):
     assert job["status"] == "succeeded", job
     assert job["progress"] == {"step": 4, "total_steps": 4, "fraction": 1.0}
     assert job["trained_tokens"] > 0 and job["error"] is None and job["finished_at"] >= job["started_at"]
-    assert Path(job["fine_tuned_model"], "model.safetensors").is_file()
+    assert job["fine_tuned_model"] == f"ft:{STORIES.name}::{job_id}"
+    assert (live.settings.data_dir / "jobs" / job_id / "model" / "model.safetensors").is_file()
     base = f"/v1/fine_tuning/jobs/{job_id}"
     train = live.api.get(base + "/metrics", params={"kind": "train"}).json()["data"]
     assert [m["step"] for m in train] == [1, 2, 3, 4] and all(m["lr"] == 5e-3 for m in train)
     memory = live.api.get(base + "/memory").json()
     assert memory["measured"][0]["rank"] == 0 and memory["measured"][0]["peak_bytes"] > 0
-    assert [c["step"] for c in live.api.get(base + "/checkpoints").json()["data"]] == [2, 4]
+    checkpoints = live.api.get(base + "/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [4, 2]  # newest first; the last one is the final model
     evals = live.api.get(base + "/evals").json()["data"]
     assert {(e["model"], e["metric"]) for e in evals} == {("base", "loss"), ("base", "perplexity"),
                                                          ("fine_tuned", "loss"), ("fine_tuned", "perplexity")}

@@ -71,7 +71,7 @@ def test_a_job_runs_and_everything_it_reports_is_stored(env):
     assert (job.status, job.step, job.total_steps, job.attempt) == ("succeeded", 6, 6, 1)
     assert job.trained_tokens > 0 and job.error_code is None
     assert (settings.data_dir / "jobs" / job_id / "model" / "config.json").is_file()
-    assert job.fine_tuned_model.endswith(f"{job_id}/model")
+    assert job.fine_tuned_model == f"ft:{STORIES.name}::{job_id}"  # a name; the folder is the job's "model"
     with db.session() as s:
         train = s.query(MetricPoint).filter_by(job_id=job_id, kind="train").order_by(MetricPoint.step).all()
         assert [p.step for p in train] == [1, 2, 3, 4, 5, 6] and all(p.tokens_per_s > 0 for p in train)
@@ -124,9 +124,11 @@ def emit(kind, step, payload):
     os.write(fd, (json.dumps({"kind": kind, "step": step, "payload": payload}) + "\\n").encode())
 emit("start", 0, {"total_steps": 1000, "step": 0})
 MODE = sys.argv[1]
-if MODE == "report-devices":  # says which GPUs it was given, as if that were its model folder
+if MODE == "report-devices":  # writes which GPUs it was given beside its config
     emit("train", 1, {"loss": 1.0, "lr": 0.1, "tokens": 1, "tokens_per_s": 1.0})
-    emit("done", 1, {"model_dir": os.environ.get("CUDA_VISIBLE_DEVICES", "none"), "steps": 1})
+    with open(os.path.join(os.path.dirname(sys.argv[2]), "devices.txt"), "w") as f:
+        f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "none"))
+    emit("done", 1, {"model_dir": "model", "steps": 1})
     sys.exit(0)
 if MODE == "oom":
     emit("error", 0, {"code": "out_of_memory", "message": "out of GPU memory: CUDA out of memory; lower batch_size",
@@ -224,7 +226,7 @@ def test_a_job_leases_its_gpus_waits_when_too_few_are_free_and_gives_them_back(e
         leases.release(s, first)
     assert runner.run(second) == "succeeded"  # now it starts, on the GPUs it was leased
     job = job_row(db, second)
-    assert job.fine_tuned_model == "0,1" and job.attempt == 1
+    assert (settings.data_dir / "jobs" / second / "devices.txt").read_text() == "0,1" and job.attempt == 1
     with db.session() as s:
         assert leases.leased_devices(s, settings.worker_name) == {}  # given back at the end
 

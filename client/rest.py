@@ -1,9 +1,13 @@
-"""A typed client of the REST API, for scripts and job queues (the demo uses it).
+"""A typed client of the REST API, for scripts and job queues (the demo and the `lomo` CLI use it).
 
-    client = LomoClient("http://127.0.0.1:8000")
+    client = LomoClient("http://127.0.0.1:8000")            # api_key="..." sends Authorization: Bearer
     file = client.upload_file("train.jsonl")
-    job = client.create_job(model="stories260K", training_file=file["id"], hyperparameters={"max_steps": 50})
+    job = client.create_job(model="stories260K", training_file=file["id"], method={
+        "type": "supervised", "supervised": {"hyperparameters": {"max_steps": 50}}})
     job = client.wait(job["id"])
+
+An answer of 400 or more raises :class:`ApiError` (status, code, param, details); a service that cannot
+be reached (connection refused, timeout) raises :class:`ServiceUnreachable`, naming the URL.
 """
 
 from __future__ import annotations
@@ -19,21 +23,36 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 
 class ApiError(RuntimeError):
-    """An error answer of the service: ``status``, ``code``, ``param`` and the per-field ``details``."""
+    """An error answer of the service: ``status``, ``code``, ``param``, the per-field ``details`` (each
+    ``{"param", "message", "line"}``), the server's ``message`` and the ``request`` ("POST /v1/files")."""
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(self, status: int, body: dict[str, Any], request: str | None = None) -> None:
         error = body.get("error", {}) if isinstance(body, dict) else {}
+        if not isinstance(error, dict):
+            error = {"message": str(error)}
         self.status = status
-        self.code = error.get("code", "http_error")
+        self.code = error.get("code") or "http_error"
         self.param = error.get("param")
-        self.details = error.get("details", [])
-        super().__init__(f"{status} {self.code}: {error.get('message', body)}")
+        self.details = error.get("details") or []
+        self.message = str(error.get("message", body))
+        self.request = request
+        super().__init__(f"{status} {self.code}: {self.message}")
+
+
+class ServiceUnreachable(ConnectionError):
+    """No answer from the service at ``url``: connection refused, a timeout, a name that does not resolve."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(f"cannot reach the service at {url}: {reason}")
 
 
 class LomoClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+                 transport: httpx.BaseTransport | None = None, api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -45,13 +64,17 @@ class LomoClient:
         self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:  # refused, timed out, unresolvable: no answer at all
+            raise ServiceUnreachable(self.base_url, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) \
+                from e
         if response.status_code >= 400:
             try:
                 body = response.json()
             except ValueError:
-                body = {"error": {"message": response.text}}
-            raise ApiError(response.status_code, body)
+                body = {"error": {"message": response.text or response.reason_phrase}}
+            raise ApiError(response.status_code, body, request=f"{method} {path}")
         return response.json()
 
     # ------------------------------------------------------------------------------------------ files
@@ -60,16 +83,40 @@ class LomoClient:
         with path.open("rb") as f:
             return self._call("POST", "/v1/files", files={"file": (path.name, f)}, data={"purpose": purpose})
 
-    def list_files(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/files")["data"]
+    def list_files(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        """Every uploaded file (of ``purpose``), newest first, all pages."""
+        return list(self._pages("/v1/files", {"purpose": purpose} if purpose else {}))
+
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The items of a listing, page after page (``after`` = the last id, while ``has_more``)."""
+        after = None
+        while True:
+            page = self._call("GET", path, params={**params, **({"after": after} if after else {})})
+            yield from page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return
+            after = page["data"][-1]["id"]
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/files/{file_id}")
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
         return self._call("DELETE", f"/v1/files/{file_id}")
 
     # ------------------------------------------------------------------------------------------ jobs
-    def create_job(self, model: str, training_file: str, **fields: Any) -> dict[str, Any]:
+    def create_job(self, model: str, training_file: str, idempotency_key: str | None = None,
+                   **fields: Any) -> dict[str, Any]:
+        """``POST /v1/fine_tuning/jobs`` with ``fields`` as the rest of the body, as given (``method``,
+        ``seed``, ``metadata``, ...). A repeated ``idempotency_key`` answers the job it first created."""
         body = {"model": model, "training_file": training_file, **fields}
-        return self._call("POST", "/v1/fine_tuning/jobs", json=body)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._call("POST", "/v1/fine_tuning/jobs", json=body, headers=headers)
+
+    def estimate(self, model: str, training_file: str | None = None, **fields: Any) -> dict[str, Any]:
+        """``POST /v1/estimates``: the body of a job; the predicted memory per device, the GPU count, whether
+        it fits. Nothing is created."""
+        body = {"model": model, **({"training_file": training_file} if training_file else {}), **fields}
+        return self._call("POST", "/v1/estimates", json=body)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}")
@@ -97,17 +144,26 @@ class LomoClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
 
-    def events(self, job_id: str, limit: int = 100, after: int | None = None) -> dict[str, Any]:
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/fine_tuning/jobs/{job_id}/pause")
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/fine_tuning/jobs/{job_id}/resume")
+
+    def events(self, job_id: str, limit: int = 100, after: str | int | None = None) -> dict[str, Any]:
+        """One page of the job's events, newest first; ``after`` is the last event id of the previous page."""
         params: dict[str, Any] = {"limit": limit}
         if after is not None:
             params["after"] = after
         return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")["data"]
+        """Every checkpoint the job keeps, newest first, all pages."""
+        return list(self._pages(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", {"limit": 100}))
 
-    def metrics(self, job_id: str, kind: str | None = None) -> list[dict[str, Any]]:
-        points, after = [], None
+    def metrics(self, job_id: str, kind: str | None = None, after_step: int | None = None) -> list[dict[str, Any]]:
+        """Every metric point (``kind`` train or val) after ``after_step``, in step order."""
+        points, after = [], after_step
         while True:
             params: dict[str, Any] = {"limit": 10000}
             if kind:
@@ -124,7 +180,8 @@ class LomoClient:
         return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}/memory")
 
     def evals(self, job_id: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}/evals")["data"]
+        """Every evaluation score of the job (base, checkpoints, fine-tuned), all pages."""
+        return list(self._pages(f"/v1/fine_tuning/jobs/{job_id}/evals", {"limit": 1000}))
 
     def wait(self, job_id: str, timeout: float = 3600.0, poll: float = 1.0,
              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -139,3 +196,94 @@ class LomoClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
             time.sleep(poll)
+
+    # ------------------------------------------------------------------------------------------ models
+    def list_models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: the registered base models and your fine-tuned models."""
+        return self._call("GET", "/v1/models")["data"]
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        return self._call("GET", f"/v1/models/{quote(name, safe=':')}")
+
+    def delete_model(self, name: str) -> dict[str, Any]:
+        """Delete one of your fine-tuned models (its files and checkpoints; the job stays)."""
+        from urllib.parse import quote
+
+        return self._call("DELETE", f"/v1/models/{quote(name, safe=':')}")
+
+    def download_model(self, name: str, dest_dir: str | Path) -> Path:
+        """Stream ``GET /v1/models/{name}/content`` (a tar archive of one folder: a fine-tuned model's or a
+        checkpoint's weights, config and tokenizer) and unpack it into ``dest_dir`` as it arrives; returns
+        the model's folder there, ready for ``from_pretrained``.
+
+        Only regular files and folders are unpacked: a member with an absolute path or a '..' part, or a
+        link, raises ValueError when it is reached, and nothing is ever written outside ``dest_dir``."""
+        import shutil
+        import tarfile
+        from urllib.parse import quote
+
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        base = dest.resolve()
+        path = f"/v1/models/{quote(name, safe=':')}/content"
+        roots: set[str] = set()
+        try:
+            with self._http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        body = response.json()
+                    except ValueError:
+                        body = {"error": {"message": response.text or response.reason_phrase}}
+                    raise ApiError(response.status_code, body, request=f"GET {path}")
+                with tarfile.open(fileobj=self._ByteStream(response.iter_bytes()), mode="r|") as archive:
+                    for member in archive:
+                        target, root = self._archive_target(base, member)
+                        roots.add(root)
+                        if member.isdir():
+                            target.mkdir(parents=True, exist_ok=True)
+                            continue
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        source = archive.extractfile(member)
+                        with target.open("wb") as out:
+                            shutil.copyfileobj(source, out, 1 << 20)
+        except httpx.TransportError as e:
+            raise ServiceUnreachable(self.base_url, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) \
+                from e
+        return base / roots.pop() if len(roots) == 1 else base
+
+    @staticmethod
+    def _archive_target(base: Path, member: Any) -> tuple[Path, str]:
+        """Where an archive member goes under ``base`` (and its first path part); ValueError for a member
+        that is not a plain file or folder, or whose path leaves ``base``."""
+        from pathlib import PurePosixPath
+
+        name = PurePosixPath(member.name)
+        if not (member.isfile() or member.isdir()):
+            raise ValueError(f"the archive has {member.name!r}, which is not a file or a folder; refused")
+        if name.is_absolute() or ".." in name.parts or not name.parts or "\\" in member.name:
+            raise ValueError(f"the archive has a member outside its folder ({member.name!r}); refused")
+        target = (base / Path(*name.parts)).resolve()
+        if not target.is_relative_to(base) or target == base:
+            raise ValueError(f"the archive has a member outside its folder ({member.name!r}); refused")
+        return target, name.parts[0]
+
+    class _ByteStream:
+        """A read-only file over an iterator of byte chunks (what ``tarfile``'s stream mode reads)."""
+
+        def __init__(self, chunks: Iterator[bytes]) -> None:
+            self._chunks, self._buffer = chunks, bytearray()
+
+        def read(self, size: int = -1) -> bytes:
+            while size < 0 or len(self._buffer) < size:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._buffer += chunk
+            if size < 0:
+                size = len(self._buffer)
+            out = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            return out

@@ -33,8 +33,9 @@ console = Console()
 sys.path.insert(0, str(ROOT))
 from client.rest import ApiError, LomoClient  # noqa: E402
 
-HYPERPARAMETERS = {
-    "max_steps": 60, "batch_size": 8, "max_seq_len": 256, "lr": 5e-3, "clip_grad_norm": 1.0,
+HYPERPARAMETERS = {  # OpenAI's names, then this service's own settings
+    "n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 0.5, "optimizer": "lomo",
+    "max_steps": 60, "max_seq_len": 256, "clip_grad_norm": 1.0,
     "lr_schedule": "cosine", "warmup_steps": 5, "validation_split": 0.05, "eval_every": 20, "save_every": 30,
     "loss_chunk_size": 256,
 }
@@ -160,8 +161,9 @@ def main() -> int:
                 uploaded = client.upload_file(path, purpose="eval")
                 console.print(f"POST /v1/files (purpose=eval) -> {uploaded['id']}: {task}, first {limit} examples")
                 evals.append({"task": task, "file": uploaded["id"], "limit": limit})
-        job = client.create_job("stories260K", file["id"], method="lomo", hyperparameters=HYPERPARAMETERS,
-                                metadata={"source": "make demo"}, evals=evals)
+        job = client.create_job("stories260K", file["id"], suffix="demo", metadata={"source": "make demo"},
+                                method={"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS}},
+                                evals=evals)
         console.print(f"POST /v1/fine_tuning/jobs -> {job['id']} ({job['status']})")
         job = follow(client, job["id"])
         if job["status"] != "succeeded":

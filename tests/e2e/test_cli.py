@@ -10,11 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +21,13 @@ from client.cli import app
 from client.config import ConfigFileError, resolve
 from client.rest import LomoClient
 from tests.conftest import STORIES, need_shared
+from tests.e2e.live_service import free_port, start_service
 
 RECORDS = [("Say hello.", "Hello there, friend."), ("Name a color.", "Blue is a color."),
            ("Count to three.", "One, two, three."), ("What is a cat?", "A cat is a small animal."),
            ("Say goodbye.", "Goodbye, see you soon."), ("Name a fruit.", "An apple is a fruit."),
            ("What is the sun?", "The sun is a star."), ("Say thanks.", "Thank you very much.")]
 SMALL = ["--max-steps", "4", "--batch-size", "2", "--set", "max_seq_len=64"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -66,31 +56,9 @@ def service(tmp_path_factory):
     (home / "empty.toml").write_text("")
     train = home / "train.jsonl"
     train.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in RECORDS))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOMO_")}
-    env.update(LOMO_FLUSH_INTERVAL_S="0.3", LOMO_DEVICE="cpu", LOMO_CANCEL_GRACE_S="2",
-               LOMO_MODEL_DIRS=json.dumps([str(STORIES.parent)]))
-    port = free_port()
-    log = home / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port)], cwd=home,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").json()["embedded"]:
-                    break
-            except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.3)
-        yield Service(url, home, log, train)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    live = start_service("embedded", home, cancel_grace_s="2")
+    yield Service(live.url, home, live.logs[-1], train)
+    live.stop()
 
 
 def test_files_upload_list_show_rm(service, tmp_path):

@@ -125,6 +125,15 @@ def test_submit_from_a_spec_and_options_waits_for_success(service, tmp_path):
     assert job["fine_tuned_model"] in [m["id"] for m in service.json("models", "list")]
     folder = Path(service.json("models", "download", job["fine_tuned_model"], "-o", str(tmp_path / "dl"))["path"])
     assert folder.is_relative_to(tmp_path / "dl") and (folder / "config.json").is_file()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(1, 17).unsqueeze(0)
+    written = service.home / "var" / "jobs" / job_id / "model"  # the weights the job wrote, on the server
+    with torch.no_grad():
+        downloaded_logits = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+        assert torch.equal(downloaded_logits, AutoModelForCausalLM.from_pretrained(written)(ids).logits)
+        assert not torch.equal(downloaded_logits, AutoModelForCausalLM.from_pretrained(STORIES)(ids).logits)
 
     ended = service.lomo("cancel", job_id)
     assert ended.exit_code == 2 and "succeeded" in ended.stderr

@@ -63,7 +63,8 @@ _LEVELS = {"info": "info", "warning": "warn", "warn": "warn", "error": "error"}
 
 
 def event_object(row: JobEvent) -> EventObject:
-    kind = "metrics" if row.data and "train_loss" in row.data and "step" in row.data else "message"
+    # a validation point (step, train_loss, valid_loss) is a metrics event; a checkpoint's carries its name
+    kind = "metrics" if row.data and "valid_loss" in row.data and "checkpoint" not in row.data else "message"
     return EventObject(id=f"{EVENT_PREFIX}{row.id}", created_at=unix(row.created_at),
                        level=_LEVELS.get(row.level, "info"), message=row.message, type=kind, data=row.data)
 
@@ -76,13 +77,16 @@ def checkpoint_object(row: Checkpoint, job: Job) -> CheckpointObject:
         fine_tuning_job_id=job.id, metrics=metrics, step_number=row.step)
 
 
+MAX_ROW_ID = 2**63 - 1  # the largest id a database row has
+
+
 def row_id(value: str | None, prefix: str, param: str = "after") -> int | None:
     """The row id in an object id such as ``ftevent-12`` (a bare number is accepted too)."""
     if value is None:
         return None
     number = value.removeprefix(prefix)
-    if not number.isdigit():
-        raise InvalidRequest([Problem(param, f"{value!r} is not an id of this list ({prefix}<number>)")])
+    if not number.isdigit() or int(number) > MAX_ROW_ID:
+        raise InvalidRequest([Problem(param, f"{value[:80]!r} is not an id of this list ({prefix}<number>)")])
     return int(number)
 
 

@@ -1267,9 +1267,13 @@ def models_download(
     url: UrlOption = None, api_key: KeyOption = None, as_json: JsonOption = False,
 ) -> None:
     """Download a model (a Hugging Face folder) into a local folder."""
+    from client.rest import ServiceUnreachable
+
     with _connect(url, api_key) as client:
         try:
             written = client.download_model(name, output)
+        except ServiceUnreachable:  # an OSError too, but not the output folder's: exit 3 like every command
+            raise
         except ValueError as e:  # an archive member that is not a plain file, or would land outside -o
             _fail([f"download of {name} stopped: {e}"], code=1)
         except OSError as e:

@@ -8,8 +8,8 @@ is TOML::
     url = "http://gpu-head:8000"
     api_key = "..."
 
-It is read only when an option and the environment leave something unset, so a broken file does not
-stop a command that does not need it.
+It is read only when an option or the environment leaves the URL or the key unset (so a broken file
+stops no command that has both from elsewhere); a broken file is an error naming the file.
 """
 
 from __future__ import annotations

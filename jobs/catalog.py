@@ -7,8 +7,9 @@ caller's jobs (``ft:<base>:<suffix>:<job id>``, ``ft:<base>:<suffix>:<job id>:ck
 A fine-tuned model lives in ``<data_dir>/jobs/<job id>/model`` and its checkpoints in
 ``<data_dir>/jobs/<job id>/checkpoints/step-NNNNNN``; clients only ever see the names.
 
-The shape of a model (``lomo_core.memory_model``) and the size of its tokenizer are cached by the
-content of the folder's files, so that creating and estimating jobs does not rebuild the model each time.
+The shape of a model (``lomo_core.memory_model``) is cached by the content of its config.json and the
+size of its tokenizer by its files' sizes and modification times, so that creating and estimating jobs
+does not rebuild the model or reload the tokenizer each time.
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ def resolve_reference(session: Session, settings: Settings, owner: str, referenc
     model or checkpoint of ``owner`` that exists (or existed) but cannot be loaded, saying why."""
     parsed = parse_fine_tuned(reference)
     if parsed is None:
+        if _inside_data_dir(settings, reference):
+            raise UnusableModel("a path into the service's data folder is not a model reference: name a "
+                                "fine-tuned model or checkpoint (ft:...) of yours, or a registered model")
         return resolve_model(settings, reference)
     job_id, step = parsed
     job = session.get(Job, job_id)
@@ -172,6 +176,17 @@ def resolve_reference(session: Session, settings: Settings, owner: str, referenc
                             "(ZeRO-3 shards, no config.json or weights): it can resume that job but is not a "
                             "model folder; name the job's fine-tuned model instead")
     raise UnusableModel(f"the files of checkpoint {reference} are gone from the service's data folder")
+
+
+def _inside_data_dir(settings: Settings, reference: str) -> bool:
+    """Whether a path reference leads into the data folder, where every user's jobs and files are (they
+    are reached by name, which checks who may see them)."""
+    if "/" not in reference and not reference.startswith("."):  # a name, not a path
+        return False
+    try:
+        return Path(reference).resolve().is_relative_to(settings.data_dir.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def _check_not_deleted(job: Job, reference: str) -> None:

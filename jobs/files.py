@@ -128,7 +128,7 @@ def _check_eval_upload(path: Path, max_errors: int = 20) -> _EvalUploadCheck:
                     if not isinstance(value, dict):
                         errors.append((number, "expected a JSON object"))
         except UnicodeDecodeError:
-            raise DataError(f"{path.name}: not UTF-8 text") from None
+            raise DataError("the file is not UTF-8 text") from None
     if path.suffix == ".json":
         raise DataError("an evaluation file is .jsonl (one example per line) or .txt")
     return _EvalUploadCheck(records, errors[:max_errors], len(errors) > max_errors)

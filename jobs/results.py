@@ -36,8 +36,9 @@ def list_metrics(session: Session, owner: str, job_id: str, kind: str | None = N
 
 def list_checkpoints(session: Session, owner: str, job_id: str, after: int | None = None,
                      limit: int = 10) -> tuple[list[Checkpoint], bool]:
-    """The checkpoints still on disk, newest first; ``after`` is the id of the last one of the previous
-    page. Those ``keep_checkpoints`` removed are marked (``deleted_at``) and not listed."""
+    """The checkpoints not marked removed, newest first; ``after`` is the id of the last one of the
+    previous page. A checkpoint ``keep_checkpoints`` removed is marked (``deleted_at``) when the next one
+    is recorded, and from then on not listed (nor resolved as a model)."""
     get_job(session, owner, job_id)
     query = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.deleted_at.is_(None))
     if after is not None:

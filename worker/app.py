@@ -57,11 +57,11 @@ def _migrate(**_kwargs) -> None:
 
 
 @worker_ready.connect
-def _at_start(**_kwargs) -> None:
-    start_node(settings)
+def _at_start(sender=None, **_kwargs) -> None:
+    start_node(settings, getattr(getattr(sender, "controller", None), "concurrency", None))
 
 
-def start_node(settings: Settings) -> None:
+def start_node(settings: Settings, slots: int | None = None) -> None:
     """Register this node's GPUs, take back the leases of jobs that ended without releasing them, and
     wake the workers for what is queued.
 
@@ -80,7 +80,7 @@ def start_node(settings: Settings) -> None:
         queued = lifecycle.queued_job_ids(session)
     if returned:
         log.info("released the GPUs of ended job(s) %s", ", ".join(returned))
-    wake = queued[:startup_wake_ups(settings)]
+    wake = queued[:slots or startup_wake_ups(settings)]
     for job_id in wake:
         enqueue(settings, job_id, poll=False)
     if wake:
@@ -88,5 +88,6 @@ def start_node(settings: Settings) -> None:
 
 
 def startup_wake_ups(settings: Settings) -> int:
-    """How many wake-ups a starting worker sends: one per slot (``lomo worker`` runs one per GPU)."""
+    """How many wake-ups a starting worker sends when its pool's size is not known: one per GPU, as
+    ``lomo worker`` runs by default."""
     return max(len(settings.gpu_memory_gib), 1)

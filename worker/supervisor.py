@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import signal
 import subprocess
@@ -105,9 +106,17 @@ class JobRunner:
         finally:
             with self.db.session() as session:
                 leases.release(session, job_id)
+        outcome.error_message = public_text(outcome.error_message)
+        if outcome.status is JobStatus.SUCCEEDED:  # the final model as the last checkpoint, the metrics CSV
+            try:
+                with self.db.session() as session:
+                    outcome.result_files = telemetry.publish_results(session, self.settings, job_id)
+            except Exception as e:  # the job still ends: its model is there, only the extras are missing
+                log.exception("job %s: its results could not be published", job_id)
+                with self.db.session() as session:
+                    events.add_event(session, job_id, f"the metrics file and the final checkpoint could not be "
+                                                      f"recorded ({type(e).__name__}); the model is kept", "warning")
         with self.db.session() as session:
-            if outcome.status is JobStatus.SUCCEEDED:  # the final model as the last checkpoint, the metrics CSV
-                outcome.result_files = telemetry.publish_results(session, self.settings, job_id)
             lifecycle.finish_job(session, job_id, outcome)
             waiting = len(lifecycle.queued_job_ids(session))
         for _ in range(min(waiting, len(devices) if devices is not None else 1)):
@@ -154,7 +163,7 @@ class JobRunner:
                 path = files.file_path(settings, row)
                 if row.deleted_at is not None or not path.is_file():
                     return lifecycle.Outcome(JobStatus.FAILED, "file_not_found",
-                                           f"file {file_id} is gone from {path.parent}", param)
+                                           f"file {file_id} is gone from the service's storage", param)
                 paths[param], names[str(path)] = path, file_id
             values = admission.train_config_values(settings, job_id, model, job.method, job.hyperparameters,
                                                  paths["training_file"], paths["validation_file"], gpus=job.gpus)
@@ -170,7 +179,7 @@ class JobRunner:
                         path = files.file_path(settings, row)
                         if row.deleted_at is not None or not path.is_file():
                             return lifecycle.Outcome(JobStatus.FAILED, "file_not_found",
-                                                   f"file {spec[name]} is gone from {path.parent}", "evals")
+                                                   f"file {spec[name]} is gone from the service's storage", "evals")
                         resolved[name], names[str(path)] = str(path), spec[name]
                 evals.append(resolved)
         (output_dir / "evals.json").write_text(json.dumps(evals, indent=2))
@@ -307,6 +316,17 @@ class JobRunner:
                 for metric, value in (("loss", loss), ("perplexity", math.exp(min(loss, 50)))):
                     telemetry.record_eval(session, job_id, "validation_loss", "validation", metric, value,
                                         report.validation_rows, model_ref)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"|:,;()]+/)+([^\s'\"|:,;()]*)")
+
+
+def public_text(text: str | None) -> str | None:
+    """A message for clients: no path of the node's disk (an absolute path, of the data folder or of a
+    traceback's source file, is cut to its last part)."""
+    if not text:
+        return text
+    return _ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}" if m.group(1) else "...", text)
 
 
 def _signal_group(child: subprocess.Popen, sig: int) -> None:

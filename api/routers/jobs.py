@@ -131,7 +131,8 @@ def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep,
             summary="Loss, learning rate and tokens/s per step (train) and validation loss (val)")
 def list_metrics(job_id: str, session: SessionDep, caller: CallerDep,
                  kind: str | None = Query(None, pattern="^(train|val)$"),
-                 after_step: int | None = Query(None, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> Any:
+                 after_step: int | None = Query(None, ge=0, le=2**31 - 1),
+                 limit: int = Query(1000, ge=1, le=10000)) -> Any:
     rows, more = results.list_metrics(session, caller.user_id, job_id, kind, after_step, limit)
     return MetricList(data=[metric_object(r) for r in rows], has_more=more)
 

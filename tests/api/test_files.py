@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -22,6 +19,7 @@ from jobs.db import database
 from jobs.migrate import upgrade
 from jobs.settings import Settings
 from tests.conftest import create_postgres_database, drop_postgres_database
+from tests.e2e.live_service import api_in_thread
 
 GOOD = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
 BOOLQ = b"".join(json.dumps({"question": f"is it {i}", "passage": f"it is {i}.", "label": i % 2 == 0, "idx": i})
@@ -292,20 +290,8 @@ def live_server(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"live-{request.param}")
     url = f"sqlite:///{folder / 'test.db'}" if request.param == "sqlite" else create_postgres_database()
     settings = Settings(data_dir=folder / "var", database_url=url, max_upload_bytes=1 << 20)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the live server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1", settings
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with api_in_thread(settings) as base:
+        yield f"{base}/v1", settings
     if request.param == "postgres":
         drop_postgres_database(url)
     else:

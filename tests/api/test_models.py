@@ -8,10 +8,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import tarfile
-import threading
-import time
 from datetime import timedelta
 
 import httpx
@@ -26,6 +23,7 @@ from jobs.migrate import upgrade
 from jobs.models import Checkpoint, Job, User, utcnow
 from jobs.settings import Settings
 from tests.conftest import STORIES, need_shared, tiny_llama
+from tests.e2e.live_service import api_in_thread
 
 ROWS = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
 
@@ -301,32 +299,15 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused_at_submission(sqli
 
 
 # ---------------------------------------------------------------------------------------------- for real
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def live(tmp_path):
     """The API served by uvicorn in a thread, on SQLite, with stories260K registered."""
-    import uvicorn
-
     url = f"sqlite:///{tmp_path / 'lomo.db'}"
     upgrade(url)
     settings = settings_for(tmp_path, url, need_shared(STORIES).parent)
     settings.data_dir.mkdir(parents=True)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield settings, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with api_in_thread(settings) as base:
+        yield settings, base
     from jobs.db import close_database
 
     close_database(url)
@@ -392,3 +373,24 @@ def test_a_trained_model_downloads_reloads_trains_again_by_name_and_works_with_t
     assert [m.id for m in sdk.models.list().data] == ["stories260K", second]
     with database(settings.resolved_database_url()).session() as s:
         assert s.get(Job, job["id"]).model_deleted_at is not None
+
+
+def test_a_path_into_the_data_folder_is_not_a_model(tmp_path):
+    """Another user's fine-tuned model is reached by name (which checks the owner), never by its folder."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from jobs.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    folder = settings.data_dir / "jobs" / "ftjob-someone" / "model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    with TestClient(create_app(settings)) as client:
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", b'{"prompt": "a", "response": "b"}\n')}
+                              ).json()["id"]
+        for reference in (str(folder), str(settings.data_dir / "jobs" / ".." / "jobs" / "ftjob-someone" / "model")):
+            answer = client.post("/v1/fine_tuning/jobs", json={"model": reference, "training_file": file_id})
+            assert answer.status_code == 422, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == "model" and "data folder" in error["message"]

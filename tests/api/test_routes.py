@@ -193,6 +193,17 @@ def test_malformed_bodies_never_give_a_500(client):
     assert error_of(client.get("/v1/nothing"), 404)["code"] == "not_found"
 
 
+def test_cursors_out_of_range_name_the_parameter(client, tiny_model_dir, file_id):
+    job_id = create(client, tiny_model_dir, file_id).json()["id"]
+    huge = "9" * 30
+    for path, prefix in (("events", "ftevent-"), ("checkpoints", "ftckpt-"), ("evals", "fteval-")):
+        for after in (prefix + huge, huge, "nonsense"):
+            error = error_of(client.get(f"/v1/fine_tuning/jobs/{job_id}/{path}", params={"after": after}), 422)
+            assert error["param"] == "after", (path, error)
+    assert error_of(client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics", params={"after_step": huge}), 422)[
+        "param"] == "after_step"
+
+
 @pytest.mark.parametrize("path", ["", "/events", "/checkpoints", "/metrics", "/memory", "/evals"])
 def test_unknown_job_ids_are_404(client, path):
     error = error_of(client.get(f"/v1/fine_tuning/jobs/ftjob-missing{path}"), 404)

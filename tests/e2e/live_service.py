@@ -4,6 +4,7 @@ processes on a free port of 127.0.0.1. Modules start one per backend (module-sco
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,3 +97,30 @@ def start_service(backend: str, tmp: Path, **settings: str) -> LiveService:
             service.stop()
             raise AssertionError(f"the service did not start:\n{tail}")
         time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def api_in_thread(settings) -> Iterator[str]:
+    """The API of ``settings`` served by uvicorn in a thread of this process, on a free port of 127.0.0.1
+    (for tests that need real HTTP but no worker); yields its URL."""
+    import threading
+
+    import uvicorn
+
+    from api.app import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

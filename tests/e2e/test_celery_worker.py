@@ -156,4 +156,4 @@ def test_a_job_whose_model_folder_is_missing_fails_clearly(live, tmp_path):
     done = live.wait(job.id)
     assert done["status"] == "failed"
     assert done["error"]["code"] == "model_not_found" and done["error"]["param"] == "model"
-    assert str(model) in done["error"]["message"]
+    assert "stories-copy" in done["error"]["message"] and str(tmp_path) not in done["error"]["message"]

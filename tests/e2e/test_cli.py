@@ -187,6 +187,8 @@ def test_no_service_exits_3_naming_the_url(service, tmp_path):
     nowhere = f"http://127.0.0.1:{free_port()}"
     by_option = service.lomo("jobs", "--url", nowhere, "--json")
     assert by_option.exit_code == 3 and nowhere in by_option.stderr and by_option.stdout == ""
+    download = service.lomo("models", "download", "ft:x::y", "-o", str(tmp_path / "dl"), "--url", nowhere)
+    assert download.exit_code == 3 and nowhere in download.stderr
     by_env = service.lomo("submit", "--model", "stories260K", "--training-file", str(service.train),
                           env={"LOMO_URL": nowhere})
     assert by_env.exit_code == 3 and nowhere in by_env.stderr and "LOMO_URL" in by_env.stderr

@@ -94,7 +94,8 @@ def test_a_missing_model_folder_fails_with_a_clear_message(env, tmp_path):
     assert JobRunner(settings, db).run(job_id) == "failed"
     job = job_row(db, job_id)
     assert (job.error_code, job.error_param) == ("model_not_found", "model")
-    assert str(model) in job.error_message and "config.json" in job.error_message
+    assert "model-copy" in job.error_message and "config.json" in job.error_message
+    assert str(tmp_path) not in job.error_message  # named, but no path of the node
 
 
 def test_data_that_cannot_train_fails_naming_the_file_and_the_fix(env):
@@ -136,6 +137,8 @@ if MODE == "oom":
     sys.exit(1)
 if MODE == "ignore-term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if MODE == "crash":  # a bug: the traceback names source files and the job's folder
+    raise RuntimeError("cannot open " + os.path.join(os.path.dirname(sys.argv[2]), "weights.bin"))
 for step in range(1, 1000):
     emit("train", step, {"loss": 1.0, "lr": 0.1, "tokens": 1, "tokens_per_s": 1.0})
     if MODE == "die" and step == 3:
@@ -167,6 +170,15 @@ def test_a_child_that_ignores_cancellation_is_killed(env, tmp_path, tiny_model_d
     with db.session() as s:
         events, _ = results.list_events(s, "ann", job_id, limit=100)
     assert any("killed after the grace period" in e.message for e in events)
+
+
+def test_a_crash_is_reported_with_the_log_tail_and_no_path_of_the_node(env, tmp_path, tiny_model_dir):
+    settings, db = env
+    job_id = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n')
+    assert stub_runner(settings, db, tmp_path, "crash").run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert job.error_code == "internal_error" and "RuntimeError: cannot open .../weights.bin" in job.error_message
+    assert str(tmp_path) not in job.error_message and 'File ".../stub.py"' in job.error_message
 
 
 def test_a_child_killed_by_the_system_fails_the_job_with_the_likely_cause(env, tmp_path, tiny_model_dir):

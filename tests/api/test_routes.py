@@ -135,6 +135,24 @@ def test_create_job_returns_the_resolved_job(client, tiny_model_dir, file_id):
     assert any("job created" in e["message"] for e in events)
 
 
+def test_integrations_are_stored_echoed_and_said_to_be_inactive(client, tiny_model_dir, file_id):
+    wandb = {"type": "wandb", "wandb": {"project": "lomo", "entity": None, "name": "run-1", "tags": ["a"]}}
+    job = create(client, tiny_model_dir, file_id, integrations=[wandb]).json()
+    assert job["integrations"] == [wandb]
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert any(e["level"] == "warn" and "sends nothing to wandb" in e["message"] for e in events)
+
+
+def test_pause_and_resume_say_they_are_not_available_and_not_to_retry(client, tiny_model_dir, file_id):
+    job_id = create(client, tiny_model_dir, file_id).json()["id"]
+    for action in ("pause", "resume"):
+        response = client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}")
+        assert response.status_code == 409 and response.headers["x-should-retry"] == "false"
+        assert response.json()["error"]["code"] == "not_available"
+    assert error_of(client.post("/v1/fine_tuning/jobs/ftjob-missing/pause"), 404)["code"] == "job_not_found"
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"  # nothing changed
+
+
 def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
     assert create(client, tiny_model_dir.name, file_id).json()["model"] == tiny_model_dir.name
 

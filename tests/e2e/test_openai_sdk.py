@@ -98,6 +98,17 @@ def test_a_job_created_with_method_trains_and_its_results_are_readable(sdk, trai
     assert [row[0] for row in table[1:]] == ["1", "2", "3", "4"] and all(float(row[1]) > 0 for row in table[1:])
 
 
+def test_without_save_every_a_job_checkpoints_each_epoch_and_its_final_model_is_the_last(sdk, training_file):
+    client, service = sdk
+    job = client.fine_tuning.jobs.create(model="stories260K", training_file=training_file.id, method=method(
+        n_epochs=2, batch_size=4, max_seq_len=192))  # 8 rows: 2 steps an epoch
+    job = wait(client, job.id, service)
+    assert job.status == "succeeded", (job.error, service.log_tail())
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints] == [4, 2]
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
+
+
 def test_legacy_hyperparameters_list_filters_and_cancel(sdk, training_file):
     client, _service = sdk
     legacy = client.fine_tuning.jobs.create(

@@ -11,6 +11,7 @@ the zero-configuration default, one worker beside it); `lomo worker` starts a wo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -919,15 +920,8 @@ def jobs_list(
 ) -> None:
     """The jobs, newest first: id, status, model, optimizer, progress, created."""
     filters = _pairs(metadata, "--metadata")
-    found: list[dict[str, Any]] = []
     with _connect(url, api_key) as client:
-        after = None
-        while len(found) < limit:
-            page = client.list_jobs(limit=min(100, limit - len(found)), after=after, status=status, metadata=filters)
-            found += page["data"]
-            if not page.get("has_more") or not page["data"]:
-                break
-            after = page["data"][-1]["id"]
+        found = list(itertools.islice(client.iter_jobs(status, filters, page_size=min(100, limit)), limit))
     if as_json:
         _print_json(found)
         return

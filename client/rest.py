@@ -121,25 +121,25 @@ class LomoClient:
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}")
 
-    def list_jobs(self, limit: int = 20, after: str | None = None, status: str | None = None,
-                  metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    @staticmethod
+    def _job_filters(limit: int, status: str | None, metadata: dict[str, str] | None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
-        if after:
-            params["after"] = after
         if status:
             params["status"] = status
         for key, value in (metadata or {}).items():
             params[f"metadata[{key}]"] = value
-        return self._call("GET", "/v1/fine_tuning/jobs", params=params)
+        return params
 
-    def iter_jobs(self, **filters: Any) -> Iterator[dict[str, Any]]:
-        after = None
-        while True:
-            page = self.list_jobs(after=after, **filters)
-            yield from page["data"]
-            if not page["has_more"]:
-                return
-            after = page["data"][-1]["id"]
+    def list_jobs(self, limit: int = 20, after: str | None = None, status: str | None = None,
+                  metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        """One page of jobs, newest first."""
+        params = self._job_filters(limit, status, metadata)
+        return self._call("GET", "/v1/fine_tuning/jobs", params={**params, **({"after": after} if after else {})})
+
+    def iter_jobs(self, status: str | None = None, metadata: dict[str, str] | None = None,
+                  page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every job (with the filters), newest first, page after page."""
+        yield from self._pages("/v1/fine_tuning/jobs", self._job_filters(page_size, status, metadata))
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")

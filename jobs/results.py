@@ -24,14 +24,24 @@ def list_events(session: Session, owner: str, job_id: str, after: int | None = N
 
 def list_metrics(session: Session, owner: str, job_id: str, kind: str | None = None, after_step: int | None = None,
                  limit: int = 1000) -> tuple[list[MetricPoint], bool]:
+    """Points in step order; the next page starts ``after_step`` = the last step of this one, so a page
+    ends with whole steps (a step's train and val points are never split over two pages)."""
     get_job(session, owner, job_id)
     query = select(MetricPoint).where(MetricPoint.job_id == job_id)
     if kind:
         query = query.where(MetricPoint.kind == kind)
     if after_step is not None:
         query = query.where(MetricPoint.step > after_step)
-    rows = list(session.scalars(query.order_by(MetricPoint.step, MetricPoint.id).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    query = query.order_by(MetricPoint.step, MetricPoint.id)
+    rows = list(session.scalars(query.limit(limit + 1)))
+    more = len(rows) > limit
+    if more and rows[limit].step == rows[limit - 1].step:  # the cut falls inside a step
+        split = rows[limit - 1].step
+        whole = [r for r in rows[:limit] if r.step != split]
+        if whole:
+            return whole, True
+        return list(session.scalars(query.where(MetricPoint.step == split))), True  # one step over the limit
+    return rows[:limit], more
 
 
 def list_checkpoints(session: Session, owner: str, job_id: str, after: int | None = None,

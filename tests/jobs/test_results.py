@@ -139,3 +139,25 @@ def test_the_files_a_job_names_are_indexed(database_url):
     indexed = {tuple(ix["column_names"]) for ix in inspect(engine).get_indexes("jobs")}
     engine.dispose()
     assert {("training_file_id",), ("validation_file_id",)} <= indexed
+
+
+def test_metric_pages_never_split_a_step(job):
+    db, job_id = job
+    records = []
+    for step in range(1, 6):
+        records.append(("train", step, {"loss": float(step)}))
+        if step % 2 == 0:
+            records.append(("val", step, {"loss": step + 0.5}))
+    with db.session() as s:
+        telemetry.record_progress(s, job_id, records)
+    for limit in (1, 2, 3, 4):
+        seen, after = [], None
+        with db.session() as s:
+            while True:
+                page, more = results.list_metrics(s, "ann", job_id, after_step=after, limit=limit)
+                seen += [(p.kind, p.step) for p in page]
+                if not more:
+                    break
+                after = page[-1].step
+        assert sorted(seen, key=lambda kv: (kv[1], kv[0] != "train")) == seen
+        assert len(seen) == 7 and len(set(seen)) == 7, (limit, seen)  # every point once

@@ -54,8 +54,11 @@ def train_config_values(
     values: dict[str, Any] = dict(hyperparameters)
     values.update(model=model, data=training_path, output_dir=job_output_dir(settings, job_id),
                   optimizer=method, device=settings.device, nproc=gpus)
-    # OpenAI lists a checkpoint at each epoch's end when a job sets none of its own; so do we
+    # OpenAI lists a checkpoint at each epoch's end when a job sets none of its own; so do we, and a job
+    # without save_every also checkpoints every recovery_checkpoint_minutes, for a lost worker to resume
     values.setdefault("save_every_epoch", values.get("save_every") is None)
+    if values.get("save_every") is None and settings.recovery_checkpoint_minutes:
+        values.setdefault("save_every_minutes", settings.recovery_checkpoint_minutes)
     if validation_path is not None:
         values["validation_data"] = validation_path
     return values

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import GpuLease, Job
@@ -29,10 +29,13 @@ def leased_devices(session: Session, node: str) -> dict[int, str]:
     return {index: job for index, job in rows}
 
 
-def release(session: Session, job_id: str) -> int:
-    """End every lease of ``job_id``; returns how many were released."""
-    return session.execute(update(GpuLease).where(GpuLease.job_id == job_id, GpuLease.released_at.is_(None))
-                           .values(released_at=_now())).rowcount
+def release(session: Session, job_id: str, attempt: int | None = None) -> int:
+    """End the leases of ``job_id`` (only those of its ``attempt``, when given: a recovered job's old
+    worker must not free the GPUs of its new attempt); returns how many were released."""
+    query = update(GpuLease).where(GpuLease.job_id == job_id, GpuLease.released_at.is_(None))
+    if attempt is not None:
+        query = query.where(or_(GpuLease.attempt == attempt, GpuLease.attempt.is_(None)))
+    return session.execute(query.values(released_at=_now())).rowcount
 
 
 def release_orphans(session: Session, node: str) -> list[str]:

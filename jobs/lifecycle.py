@@ -148,13 +148,15 @@ class Outcome:
     result_files: list[str] = field(default_factory=list)
 
 
-def finish_job(session: Session, job_id: str, outcome: Outcome) -> bool:
-    """``running -> succeeded | failed | cancelled``, only if the job is still running."""
+def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | None = None) -> bool:
+    """``running -> succeeded | failed | cancelled``, only if the job is still running (in ``attempt``,
+    when given: an attempt that was recovered elsewhere ends nothing)."""
     values = transition_values(JobStatus.RUNNING, outcome.status)
     if outcome.status is JobStatus.SUCCEEDED:
         values["estimated_finish"] = None
     done = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value).values(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+                          *([Job.attempt == attempt] if attempt is not None else [])).values(
             error_code=outcome.error_code, error_message=outcome.error_message, error_param=outcome.error_param,
             fine_tuned_model=outcome.fine_tuned_model, result_files=outcome.result_files, **values)
     ).rowcount

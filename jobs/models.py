@@ -195,6 +195,8 @@ class GpuLease(Base):
     node: Mapped[str] = mapped_column(String(200))
     device_index: Mapped[int] = mapped_column(Integer)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    #: the job's attempt the lease was taken for: only that attempt's worker releases it
+    attempt: Mapped[int | None] = mapped_column(Integer)
     leased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -138,7 +138,8 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
     devices = None
     if free is not None:
         devices = free[:job.gpus or 1]
-        session.add_all([GpuLease(node=node, device_index=i, job_id=job.id, leased_at=now) for i in devices])
+        session.add_all([GpuLease(node=node, device_index=i, job_id=job.id, attempt=job.attempt, leased_at=now)
+                         for i in devices])
         session.flush()  # the unique index decides here, inside the transaction
     add_event(session, job.id, f"started by worker {worker} (attempt {job.attempt})"
                       + (f" on GPUs {devices} of {node}" if devices is not None else ""))

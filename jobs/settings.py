@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     #: jobs behind it may start on the free ones; then the node's GPUs are held for it as they free up
     #: (0: strict queue order)
     backfill_limit: int = Field(4, ge=0)
+    #: a running job whose worker has not been heard of for this long is recovered by another worker: it
+    #: goes back to the queue and resumes from its latest complete checkpoint
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    #: how many times a job is recovered after losing its worker before it fails (infrastructure losses;
+    #: a failure of the job itself is never retried)
+    max_recoveries: int = Field(3, ge=0)
+    #: jobs without save_every checkpoint this often (minutes of training), so a lost worker costs at most
+    #: that much (0: only at the end of each epoch)
+    recovery_checkpoint_minutes: float = Field(30.0, ge=0)
     #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication

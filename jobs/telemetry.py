@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from jobs.admission import job_output_dir
@@ -19,15 +19,29 @@ from jobs.events import add_event
 from jobs.files import store_result_file
 from jobs.models import Checkpoint, EvalResult, Job, MemorySample, MetricPoint, utcnow
 from jobs.settings import Settings
+from jobs.states import JobStatus
 
 _MEMORY_FIELDS = ("peak_bytes", "parameters_bytes", "gradients_bytes", "optimizer_state_bytes",
                   "activations_bytes", "other_bytes")
 
 
+class Fenced(Exception):
+    """The job is no longer this attempt's (it was recovered after its worker was taken for lost, or it
+    ended): the attempt writes nothing more and stops."""
+
+
 def record_progress(session: Session, job_id: str, records: list[tuple[str, int, dict[str, Any]]],
-                    rank: int = 0) -> bool:
-    """Write a batch of training records and a heartbeat in one transaction; True when cancel was asked."""
-    job = session.get(Job, job_id)
+                    rank: int = 0, attempt: int | None = None) -> bool:
+    """Write a batch of training records and a heartbeat in one transaction; True when cancel was asked.
+
+    With ``attempt``, the job's row is locked and checked first: when the job is not running in that
+    attempt any more, nothing is written and Fenced is raised."""
+    if attempt is not None:
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None or job.status != JobStatus.RUNNING.value or job.attempt != attempt:
+            raise Fenced(job_id)
+    else:
+        job = session.get(Job, job_id)
     if job is None:
         return True
     now = utcnow()
@@ -35,6 +49,8 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
     for kind, step, payload in records:
         if kind == "start":
             job.total_steps = payload.get("total_steps")
+            if step > 0:  # resumed from a checkpoint: what an earlier attempt did after it is done again
+                _rewind(session, job, step)
             message = (f"training started at step {payload.get('step', 0)} of {payload.get('total_steps')}: "
                        f"{payload.get('rows')} rows ({payload.get('format')}), {payload.get('truncated', 0)} "
                        f"truncated, {payload.get('dropped', 0)} dropped")
@@ -71,6 +87,18 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
     return bool(job.cancel_requested)
 
 
+def _rewind(session: Session, job: Job, step: int) -> None:
+    """Forget the points an earlier attempt wrote after ``step`` (the checkpoint this attempt resumes
+    from), and take the trained tokens back to what they were there."""
+    session.execute(delete(MetricPoint).where(MetricPoint.job_id == job.id, MetricPoint.step > step))
+    session.execute(delete(MemorySample).where(MemorySample.job_id == job.id, MemorySample.step > step))
+    row = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
+                          .order_by(Checkpoint.id.desc())).first()
+    if row is not None and row.metrics and row.metrics.get("trained_tokens") is not None:
+        job.trained_tokens = int(row.metrics["trained_tokens"])
+    job.step = step
+
+
 def _latest(session: Session, job_id: str, kind: str, last: dict[str, float | None]) -> float | None:
     """The latest loss of ``kind`` (train | val): from this batch of records, else the stored ones."""
     if last[kind] is not None:
@@ -85,7 +113,8 @@ def record_checkpoint(session: Session, job: Job, step: int, path: str, train_lo
     """A checkpoint row with its figures; rows whose folder ``keep_checkpoints`` has removed since are
     marked deleted (they are not listed, and their names no longer resolve)."""
     metrics = {"train_loss": train_loss, "valid_loss": valid_loss}
-    session.add(Checkpoint(job_id=job.id, step=step, path=path, created_at=utcnow(), metrics=metrics))
+    session.add(Checkpoint(job_id=job.id, step=step, path=path, created_at=utcnow(),
+                           metrics={**metrics, "trained_tokens": job.trained_tokens or 0}))
     for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.deleted_at.is_(None))):
         if row.path != path and not Path(row.path).is_dir():
             row.deleted_at = utcnow()

@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
 
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (and at the end)")
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps")
+    save_every_minutes: float | None = Field(
+        None, gt=0, description="without save_every: also a checkpoint when this many minutes of training have "
+                                "passed since the last one (what a crash can cost at most)")
     save_every_epoch: bool = Field(False, description="without save_every: a checkpoint at the end of each epoch "
                                                       "but the last (whose weights are the final model)")
     keep_checkpoints: int = Field(2, ge=1)

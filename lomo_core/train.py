@@ -433,13 +433,27 @@ def _at_checkpoint(run: Run, callback: CheckpointCallback | None, sink: MetricSi
         _set_rng_state(rng)
 
 
+def _time_to_save(run: Run, last_save: float) -> bool:
+    """``save_every_minutes`` (without ``save_every``): a checkpoint is due; on several ranks, when it is
+    due on any of them, so that all save together."""
+    minutes = run.config.save_every_minutes
+    if not minutes or run.config.save_every:
+        return False
+    due = time.perf_counter() - last_save >= minutes * 60
+    if run.ranks.distributed:
+        from lomo_core.zero3.runtime import all_reduce_sum
+
+        due = all_reduce_sum([float(due)], run.device)[0] > 0
+    return due
+
+
 def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
     config, pos = run.config, run.position
     meter = StepMemoryMeter(run.model, run.optimizer, run.device)
     track_every_step = run.device.type == "cuda"
     losses: list[float] = []
     val_loss, last_memory, trained_tokens = None, None, 0
-    started = time.perf_counter()
+    started = last_save = time.perf_counter()
     run.model.train()
     sink.write("start", pos.step, {"total_steps": run.total_steps, "step": pos.step, **run.data_summary})
     for note in run.notes:
@@ -479,14 +493,16 @@ def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = N
             if run.validation is not None and config.eval_every and pos.step % config.eval_every == 0:
                 val_loss = validation_loss(run)
                 sink.write("val", pos.step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))})
-            if config.save_every and pos.step % config.save_every == 0:
+            if (config.save_every and pos.step % config.save_every == 0) or _time_to_save(run, last_save):
                 sink.write("checkpoint", pos.step, {"path": str(save_checkpoint(run))})
                 _at_checkpoint(run, on_checkpoint, sink)
+                last_save = time.perf_counter()
         else:
             pos.epoch, pos.index = pos.epoch + 1, 0
             if config.save_every_epoch and not config.save_every and pos.step < run.total_steps:
                 sink.write("checkpoint", pos.step, {"path": str(save_checkpoint(run)), "epoch_end": True})
                 _at_checkpoint(run, on_checkpoint, sink)
+                last_save = time.perf_counter()
 
     if run.validation is not None and not (config.eval_every and pos.step % config.eval_every == 0):
         val_loss = validation_loss(run)

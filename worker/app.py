@@ -10,6 +10,7 @@ still runs, and restarting workers does not multiply messages.
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery.signals import worker_init, worker_ready
 from sqlalchemy.exc import IntegrityError
@@ -17,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from jobs import leases, lifecycle, nodes
 from jobs.db import database
 from jobs.queue import RUN_JOB, enqueue, make_celery
+from jobs.recovery import recover_lost
 from jobs.settings import Settings, get_settings
 from worker.supervisor import JobRunner
 
@@ -59,6 +61,21 @@ def _migrate(**_kwargs) -> None:
 @worker_ready.connect
 def _at_start(sender=None, **_kwargs) -> None:
     start_node(settings, getattr(getattr(sender, "controller", None), "concurrency", None))
+    threading.Thread(target=watch_for_lost_jobs, args=(settings,), name="lomo-recovery", daemon=True).start()
+
+
+def watch_for_lost_jobs(settings: Settings, stop: threading.Event | None = None) -> None:
+    """In every worker: every quarter of ``heartbeat_timeout_s`` (at most 30 s), put the running jobs whose
+    worker was lost back in the queue (``jobs.recovery``) and wake the workers for them."""
+    stop = stop or threading.Event()
+    db = database(settings.resolved_database_url())
+    interval = max(0.2, min(settings.heartbeat_timeout_s / 4, 30.0))
+    while not stop.wait(interval):
+        try:
+            for job_id in recover_lost(db, settings):
+                enqueue(settings, job_id)
+        except Exception:  # the database or the broker is away for now: look again at the next round
+            log.exception("looking for jobs whose worker was lost failed; trying again in %.0f s", interval)
 
 
 def start_node(settings: Settings, slots: int | None = None) -> None:
@@ -75,6 +92,8 @@ def start_node(settings: Settings, slots: int | None = None) -> None:
     except IntegrityError:  # another worker process of this node registered it at the same moment
         with db.session() as session:
             nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+    for job_id in recover_lost(db, settings):  # lost while no worker was up: they are queued again first
+        log.info("job %s: its worker was lost; it is queued again", job_id)
     with db.session() as session:
         returned = leases.release_orphans(session, settings.worker_name)
         queued = lifecycle.queued_job_ids(session)

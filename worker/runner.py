@@ -219,17 +219,35 @@ def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, co
                                "level": "warning"})
 
 
+def _term_when_parent_dies() -> None:
+    """SIGTERM to this process when its parent (the worker) dies, however it dies (Linux' PR_SET_PDEATHSIG)."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config", help="JSON file of TrainConfig values")
     parser.add_argument("--fd", type=int, required=True, help="file descriptor to report on")
+    parser.add_argument("--parent", type=int, help="pid of the worker: when it is gone, everything stops at once")
     args = parser.parse_args(argv)
     sink = PipeSink(args.fd)
 
+    def orphaned() -> bool:
+        return args.parent is not None and os.getppid() != args.parent
+
     def request_stop(_signum: int, _frame: Any) -> None:
+        if orphaned():  # the worker died (parent-death signal): no one reads our records; stop all ranks now
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         sink.stop_requested = True
 
     signal.signal(signal.SIGTERM, request_stop)
+    _term_when_parent_dies()
+    if orphaned():  # the worker died before the parent-death signal was asked for
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:

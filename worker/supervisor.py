@@ -43,6 +43,7 @@ class ChildReport:
     killed: bool  # we had to SIGKILL it after the grace period
     val: list[tuple[int, float]] = field(default_factory=list)
     validation_rows: int = 0
+    fenced: bool = False  # the job was recovered elsewhere meanwhile: this attempt was stopped, ends nothing
 
 
 class JobRunner:
@@ -90,14 +91,16 @@ class JobRunner:
         if poll and started.job_id != job_id and self._queued(job_id):
             # this message started another job: its own job keeps a poller meanwhile
             self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
-        job_id, devices = started.job_id, started.devices
+        job_id, devices, attempt = started.job_id, started.devices, started.attempt
+        fenced = False
         try:
             prepared = self._prepare(job_id)
             if isinstance(prepared, lifecycle.Outcome):
                 outcome = prepared
             else:
                 config_path, output_dir, names = prepared
-                report = self.supervise(job_id, config_path, output_dir, devices)
+                report = self.supervise(job_id, config_path, output_dir, devices, attempt)
+                fenced = report.fenced
                 outcome = self._outcome(job_id, report, output_dir, names)
         except Exception as e:  # a bug of ours: the job still ends, with what happened
             log.exception("job %s: the worker failed", job_id)
@@ -105,7 +108,10 @@ class JobRunner:
                                         f"the worker failed: {type(e).__name__}: {e}")
         finally:
             with self.db.session() as session:
-                leases.release(session, job_id)
+                leases.release(session, job_id, attempt)
+        if fenced:
+            log.warning("job %s: attempt %d was recovered elsewhere meanwhile; it was stopped", job_id, attempt)
+            return "fenced"
         outcome.error_message = public_text(outcome.error_message)
         if outcome.status is JobStatus.SUCCEEDED:  # the final model as the last checkpoint, the metrics CSV
             try:
@@ -117,7 +123,7 @@ class JobRunner:
                     events.add_event(session, job_id, f"the metrics file and the final checkpoint could not be "
                                                       f"recorded ({type(e).__name__}); the model is kept", "warning")
         with self.db.session() as session:
-            lifecycle.finish_job(session, job_id, outcome)
+            lifecycle.finish_job(session, job_id, outcome, attempt)
             waiting = len(lifecycle.queued_job_ids(session))
         for _ in range(min(waiting, len(devices) if devices is not None else 1)):
             self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
@@ -169,6 +175,11 @@ class JobRunner:
                                                  paths["training_file"], paths["validation_file"], gpus=job.gpus)
         output_dir = Path(values["output_dir"])
         output_dir.mkdir(parents=True, exist_ok=True)
+        resume = _latest_complete_checkpoint(output_dir)
+        if resume is not None:  # an earlier attempt of this job saved one: continue from it, bit for bit
+            values["resume_from"] = resume
+            with self.db.session() as session:
+                events.add_event(session, job_id, f"resuming from the checkpoint at step {int(resume.name[5:])}")
         evals = []
         with self.db.session() as session:
             for spec in session.get(Job, job_id).evals or []:
@@ -190,9 +201,15 @@ class JobRunner:
 
     # ------------------------------------------------------------------------------------------ supervise
     def supervise(self, job_id: str, config_path: Path, output_dir: Path,
-                  devices: list[int] | None = None) -> ChildReport:
+                  devices: list[int] | None = None, attempt: int | None = None) -> ChildReport:
         """Start the child, turn its lines into rows every ``flush_interval_s``, stop it when cancelled.
-        With ``devices``, the child sees only those GPUs (``CUDA_VISIBLE_DEVICES``)."""
+        With ``devices``, the child sees only those GPUs (``CUDA_VISIBLE_DEVICES``). With ``attempt``,
+        every write checks that the job is still running in that attempt; when it is not (the job was
+        recovered by another worker), the child is killed and nothing more is written.
+
+        The child dies with this process: it is given this process's pid and asks for a SIGTERM when its
+        parent dies, however it dies (``worker.runner``); it then kills its whole process group (its ranks
+        too), since nothing is left to watch it."""
         settings = self.settings
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -202,8 +219,8 @@ class JobRunner:
             env["CUDA_VISIBLE_DEVICES"] = devices_mod.visible_ids(devices)
         with (output_dir / LOG_FILE).open("ab") as log_file:
             child = subprocess.Popen(
-                [*self.command, str(config_path), "--fd", str(write_fd)], pass_fds=(write_fd,),
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                [*self.command, str(config_path), "--fd", str(write_fd), "--parent", str(os.getpid())],
+                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # its own process group: a kill reaches anything it started
             )
         os.close(write_fd)
@@ -225,8 +242,13 @@ class JobRunner:
                         self._take(line, pending, report)
                 now = time.monotonic()
                 if eof or now - last_flush >= settings.flush_interval_s:
-                    with self.db.session() as session:
-                        cancel = telemetry.record_progress(session, job_id, pending)
+                    try:
+                        with self.db.session() as session:
+                            cancel = telemetry.record_progress(session, job_id, pending, attempt=attempt)
+                    except telemetry.Fenced:
+                        report.fenced = True
+                        _signal_group(child, signal.SIGKILL)
+                        break
                     pending, last_flush = [], now
                     if cancel and not report.cancel_requested:
                         report.cancel_requested, term_sent_at = True, now
@@ -327,6 +349,14 @@ def public_text(text: str | None) -> str | None:
     if not text:
         return text
     return _ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}" if m.group(1) else "...", text)
+
+
+def _latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint of a job's folder that was written to its end (``lomo_core.train`` writes a
+    checkpoint under a temporary name and renames it when complete, so a half-written one never counts)."""
+    root = output_dir / "checkpoints"
+    found = sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file()) if root.is_dir() else []
+    return found[-1] if found else None
 
 
 def _signal_group(child: subprocess.Popen, sig: int) -> None:

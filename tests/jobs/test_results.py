@@ -68,7 +68,7 @@ def test_scores_and_checkpoints_are_paged(job, tmp_path):
         page, more = results.list_checkpoints(s, "ann", job_id, limit=2)
         tail, done = results.list_checkpoints(s, "ann", job_id, after=page[-1].id, limit=2)
         assert [c.step for c in page + tail] == [3, 2, 1] and more and not done
-        assert page[0].metrics == {"train_loss": pytest.approx(2 / 3), "valid_loss": None}
+        assert page[0].metrics == {"train_loss": pytest.approx(2 / 3), "valid_loss": None, "trained_tokens": 0}
 
 
 def test_checkpoints_that_keep_checkpoints_removed_are_marked_and_not_listed(job, tmp_path):

@@ -271,3 +271,12 @@ def test_epoch_end_checkpoints_resume_like_an_uninterrupted_run(base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with_steps = train({**settings, "output_dir": tmp_path / "steps", "save_every": 5}, sinks=[steps := ListSink()])
     assert [r["step"] for r in steps.of("checkpoint")] == [5] and with_steps.steps == 9  # save_every wins
+
+
+def test_save_every_minutes_checkpoints_by_wall_time(base, tmp_path):
+    sink = ListSink()
+    train({**base, "max_steps": 3, "save_every_minutes": 1e-9, "keep_checkpoints": 5}, sinks=[sink])
+    assert [r["step"] for r in sink.of("checkpoint")] == [1, 2, 3]  # each step took longer than the interval
+    hourly = ListSink()
+    train({**base, "output_dir": tmp_path / "hourly", "max_steps": 3, "save_every_minutes": 60}, sinks=[hourly])
+    assert hourly.of("checkpoint") == []

@@ -1,0 +1,77 @@
+"""Jobs whose worker was lost: found by their heartbeat, sent back to the queue to resume.
+
+The database is the source of truth. A running job's worker writes its heartbeat every
+``LOMO_FLUSH_INTERVAL_S``; a job not heard of for ``LOMO_HEARTBEAT_TIMEOUT_S`` is taken for lost (the
+worker was killed, its node rebooted or cut off). Any live worker recovers it: one conditional UPDATE
+(still running, in the attempt and with the heartbeat it was seen with) moves it back to ``queued``,
+and its GPU leases are released. Its next attempt resumes from the latest complete checkpoint of its
+folder. The old attempt, if it is still alive somewhere, is fenced: each of its writes checks the
+attempt (``telemetry.record_progress``, ``lifecycle.finish_job``, ``leases.release``), so it writes
+nothing more and stops its training process.
+
+Losing a worker is an infrastructure failure: a job is recovered up to ``LOMO_MAX_RECOVERIES`` times,
+then fails with ``worker_lost``. A failure of the job itself (bad data, NaN loss, out of memory) ends
+it at once and is never retried. A lost job whose cancellation was asked ends ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from jobs import leases
+from jobs.db import Database
+from jobs.events import add_event
+from jobs.models import Job, utcnow
+from jobs.settings import Settings
+from jobs.states import JobStatus, transition_values
+
+log = logging.getLogger("lomo.recovery")
+
+
+def recover_lost(db: Database, settings: Settings, now: datetime | None = None) -> list[str]:
+    """Send back to the queue (or end) the running jobs not heard of for ``heartbeat_timeout_s``;
+    returns the ids of the jobs put back in the queue."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.heartbeat_timeout_s)
+    with db.session() as session:
+        stale = session.execute(select(Job.id, Job.attempt, Job.claimed_by, Job.heartbeat_at, Job.cancel_requested)
+                                .where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)).all()
+    requeued = []
+    for job_id, attempt, worker, heartbeat, cancel in stale:
+        silent = (now - _aware(heartbeat)).total_seconds()
+        with db.session() as session:
+            seen = (Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.attempt == attempt,
+                    Job.heartbeat_at == heartbeat)
+            lost = f"worker {worker} lost: no heartbeat for {silent:.0f} s (attempt {attempt})"
+            if cancel:
+                values = {**transition_values(JobStatus.RUNNING, JobStatus.CANCELLED, now), "estimated_finish": None}
+                message, level = f"{lost}; its cancellation was asked, so the job ends cancelled", "warning"
+            elif attempt - 1 >= settings.max_recoveries:
+                values = {**transition_values(JobStatus.RUNNING, JobStatus.FAILED, now), "estimated_finish": None,
+                          "error_code": "worker_lost",
+                          "error_message": f"the job lost its worker {attempt} times (the last: {worker}); after "
+                                           f"{settings.max_recoveries} recoveries (LOMO_MAX_RECOVERIES) it is not "
+                                           "retried again"}
+                message, level = f"{lost}; no recovery left: the job fails", "error"
+            else:
+                values = {**transition_values(JobStatus.RUNNING, JobStatus.QUEUED, now), "claimed_by": None,
+                          "estimated_finish": None}
+                message, level = (f"{lost}; back in the queue, to resume from its latest checkpoint (recovery "
+                                  f"{attempt} of at most {settings.max_recoveries})"), "warning"
+            if session.execute(update(Job).where(*seen).values(**values)).rowcount != 1:
+                continue  # it wrote a heartbeat, ended, or another worker recovered it meanwhile
+            leases.release(session, job_id)  # every attempt's: the lost one holds them no more
+            add_event(session, job_id, message, level)
+            log.warning("job %s: %s", job_id, message)
+            if values["status"] == JobStatus.QUEUED.value:
+                requeued.append(job_id)
+    return requeued
+
+
+def _aware(moment: datetime) -> datetime:
+    from datetime import timezone
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -1,0 +1,139 @@
+"""A worker killed mid-job (its whole process tree, SIGKILL): another, already running worker recovers the job
+by its heartbeat, and the job resumes from its latest checkpoint to the weights of an uninterrupted run, bit
+for bit. Real processes: Postgres, Redis, two `lomo worker`s, stories260K training on the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+
+from api.app import create_app
+from jobs.settings import Settings
+from tests.conftest import INSTRUCT, REDIS_URL, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.e2e.test_scheduling import training_pids
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 4
+JOB = {"max_steps": 60, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3, "save_every": 10, "keep_checkpoints": 2}
+
+
+def running_workers(tmp_path, env, names):
+    workers = {}
+    for name in names:
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            workers[name] = (subprocess.Popen(
+                [sys.executable, "-m", "client.cli", "worker", "--concurrency", "1"], cwd=ROOT,
+                env={**env, "LOMO_WORKER_NAME": name}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True),
+                log)
+    deadline = time.monotonic() + 90
+    for process, log in workers.values():
+        while " ready." not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    return workers
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    need_shared(STORIES)
+    need_shared(INSTRUCT)
+    url = create_postgres_database()
+    env = {**os.environ, "LOMO_DATA_DIR": str(tmp_path / "var"), "LOMO_QUEUE": f"lomo-rec-{uuid.uuid4().hex[:8]}",
+           "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.2",
+           "LOMO_DEVICE": "cpu", "LOMO_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S), "LOMO_REQUEUE_DELAY_S": "1"}
+    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=url, broker_url=REDIS_URL,
+                        queue=env["LOMO_QUEUE"])
+    settings.data_dir.mkdir(parents=True)
+    workers = running_workers(tmp_path, env, ["node-a", "node-b"])
+    api = TestClient(create_app(settings))
+    api.__enter__()
+    yield api, settings, workers
+    api.__exit__(None, None, None)
+    for process, _log in workers.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).delete(settings.queue)
+    drop_postgres_database(url)
+
+
+def wait(api, job_id, until, timeout=240, logs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} stuck: {job}\n" + "\n".join(Path(p).read_text()[-2000:] for p in logs))
+
+
+def test_a_killed_workers_job_resumes_elsewhere_to_the_weights_of_an_uninterrupted_run(cluster):
+    api, settings, workers = cluster
+    logs = [log for _p, log in workers.values()]
+    file_id = api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
+    body = {"model": str(STORIES), "training_file": file_id, "seed": 5, "hyperparameters": JOB}
+    job_id = api.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    job = wait(api, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 12, logs=logs)
+    assert job["progress"]["step"] < 20, "the job ran past the window; the test needs slower steps"
+    victim = next(name for name in workers if str(_claimed_by(settings, job_id)).startswith(f"{name}:"))
+    children = training_pids(job_id)
+    assert children
+    killed_at = time.monotonic()
+    os.killpg(workers[victim][0].pid, signal.SIGKILL)  # the worker and its pool; its training child is elsewhere
+    workers[victim][0].wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in children):
+        assert time.monotonic() < deadline, "the training process outlived its worker"
+        time.sleep(0.1)
+    job = wait(api, job_id, lambda j: j["attempt"] == 2 and j["status"] == "running", timeout=TIMEOUT_S * 3 + 20,
+               logs=logs)
+    recovered_after = time.monotonic() - killed_at
+    job = wait(api, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), logs=logs)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert recovered_after < TIMEOUT_S + 15
+    messages = [e["message"] for e in api.get(f"/v1/fine_tuning/jobs/{job_id}/events",
+                                              params={"limit": 1000}).json()["data"]]
+    assert any(f"worker {victim}:" in m and "lost: no heartbeat" in m for m in messages)
+    assert "resuming from the checkpoint at step 10" in messages
+    steps = [m["step"] for m in api.get(f"/v1/fine_tuning/jobs/{job_id}/metrics",
+                                        params={"kind": "train"}).json()["data"]]
+    assert steps == list(range(1, 61))  # every step once: the lost attempt's steps after 10 were done again
+
+    straight = api.post("/v1/fine_tuning/jobs", json=body).json()["id"]  # the same job, uninterrupted
+    assert wait(api, straight, lambda j: j["status"] in ("succeeded", "failed"), logs=logs)["status"] == "succeeded"
+    resumed = load_file(str(settings.data_dir / "jobs" / job_id / "model" / "model.safetensors"))
+    uninterrupted = load_file(str(settings.data_dir / "jobs" / straight / "model" / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def _claimed_by(settings: Settings, job_id: str) -> str | None:
+    from jobs.db import database
+    from jobs.models import Job
+
+    with database(settings.resolved_database_url()).session() as s:
+        return s.get(Job, job_id).claimed_by
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -376,3 +376,18 @@ def test_wake_up_messages_poll_for_their_own_job_and_do_not_multiply(env, tmp_pa
     assert runner.run(small) == "waiting" and sent == []
     # big's message again: still waiting, it polls on
     assert runner.run(big) == "waiting" and sent == [(big, 5, True)]
+
+
+def test_a_resume_never_uses_a_checkpoint_whose_write_was_cut_short(tmp_path):
+    """A kill during a save leaves the checkpoint under its temporary name (or, for a partitioned one, a
+    folder without its trainer state): the next attempt resumes from the previous complete one."""
+    from worker.supervisor import _latest_complete_checkpoint
+
+    root = tmp_path / "checkpoints"
+    assert _latest_complete_checkpoint(tmp_path) is None
+    for name, complete in (("step-000010", True), (".partial-step-000020", True), ("step-000030", False)):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (root / name / "trainer_state.pt").write_bytes(b"x")
+    assert _latest_complete_checkpoint(tmp_path) == root / "step-000010"

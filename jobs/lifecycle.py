@@ -17,7 +17,7 @@ from jobs.events import add_event
 from jobs.models import Job, new_id, utcnow
 from jobs.schemas import HYPERPARAMETERS, JobCreate
 from jobs.settings import Settings
-from jobs.states import TERMINAL, JobStatus, transition_values
+from jobs.states import ALLOWED, TERMINAL, JobStatus, transition_values
 
 #: the route name Idempotency-Keys of job creation are stored under
 CREATE_ROUTE = "fine_tuning.jobs.create"
@@ -97,12 +97,14 @@ def list_jobs(
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
-    """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+    """A queued or paused job is cancelled at once; a running (or pausing) one is asked to stop at its
+    next step."""
     job = get_job(session, owner, job_id)
     status = JobStatus(job.status)
     if status in TERMINAL:
-        raise Conflict(f"job {job_id} has already {status.value}; only queued or running jobs can be cancelled")
-    if status is JobStatus.RUNNING:
+        raise Conflict(f"job {job_id} has already {status.value}; only queued, running or paused jobs can be "
+                       "cancelled")
+    if status in (JobStatus.RUNNING, JobStatus.PAUSING):
         if not job.cancel_requested:
             job.cancel_requested = True
             add_event(session, job.id, "cancellation requested; the run stops at its next step")
@@ -149,19 +151,69 @@ class Outcome:
 
 
 def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | None = None) -> bool:
-    """``running -> succeeded | failed | cancelled``, only if the job is still running (in ``attempt``,
-    when given: an attempt that was recovered elsewhere ends nothing)."""
-    values = transition_values(JobStatus.RUNNING, outcome.status)
-    if outcome.status is JobStatus.SUCCEEDED:
-        values["estimated_finish"] = None
-    done = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
-                          *([Job.attempt == attempt] if attempt is not None else [])).values(
-            error_code=outcome.error_code, error_message=outcome.error_message, error_param=outcome.error_param,
-            fine_tuned_model=outcome.fine_tuned_model, result_files=outcome.result_files, **values)
-    ).rowcount
-    if done:
-        text = {JobStatus.SUCCEEDED: "job succeeded", JobStatus.CANCELLED: "job cancelled"}.get(
-            outcome.status, f"job failed: {outcome.error_message}")
-        add_event(session, job_id, text, "error" if outcome.status is JobStatus.FAILED else "info")
-    return done == 1
+    """``running | pausing -> succeeded | failed | cancelled | paused``, only if the job is still live
+    (in ``attempt``, when given: an attempt that was recovered elsewhere ends nothing)."""
+    for current in (JobStatus.RUNNING, JobStatus.PAUSING):
+        if outcome.status not in ALLOWED[current]:
+            continue
+        values = transition_values(current, outcome.status)
+        if outcome.status in (JobStatus.SUCCEEDED, JobStatus.PAUSED):
+            values["estimated_finish"] = None
+        done = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == current.value,
+                              *([Job.attempt == attempt] if attempt is not None else [])).values(
+                error_code=outcome.error_code, error_message=outcome.error_message, error_param=outcome.error_param,
+                fine_tuned_model=outcome.fine_tuned_model, result_files=outcome.result_files, **values)
+        ).rowcount
+        if done:
+            text = {JobStatus.SUCCEEDED: "job succeeded", JobStatus.CANCELLED: "job cancelled",
+                    JobStatus.PAUSED: "job paused: its GPUs are free; resume continues from its checkpoint"}.get(
+                outcome.status, f"job failed: {outcome.error_message}")
+            add_event(session, job_id, text, "error" if outcome.status is JobStatus.FAILED else "info")
+            return True
+    return False
+
+
+def pause_job(session: Session, owner: str, job_id: str) -> Job:
+    """``running -> pausing``: the run checkpoints at its next step, frees its GPUs and ends ``paused``.
+    Pausing a pausing or paused job changes nothing; a queued or ended one cannot pause (Conflict)."""
+    job = get_job(session, owner, job_id)
+    status = JobStatus(job.status)
+    if status in (JobStatus.PAUSING, JobStatus.PAUSED):
+        return job
+    if status is JobStatus.QUEUED:
+        raise Conflict(f"job {job_id} is queued and holds no GPU yet: nothing to pause; cancel it, or let it run",
+                       code="not_running")
+    if status is not JobStatus.RUNNING:
+        raise Conflict(f"job {job_id} has {status.value}; only a running job can be paused", code="not_running")
+    if (job.gpus or 1) > 1:
+        raise Conflict(f"job {job_id} runs on {job.gpus} devices: pausing a job on several devices is not "
+                       "available yet (its ranks would have to stop together); cancel it, or let it run",
+                       code="not_available")
+    done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                           .values(**transition_values(JobStatus.RUNNING, JobStatus.PAUSING))).rowcount
+    session.refresh(job)
+    if not done:  # it ended (or lost its worker) at this instant
+        return pause_job(session, owner, job_id)
+    add_event(session, job.id, "pause requested: the run checkpoints at its next step and frees its GPUs")
+    return job
+
+
+def resume_job(session: Session, owner: str, job_id: str) -> Job:
+    """``paused -> queued``: it starts again from its checkpoint when GPUs are free (the caller commits,
+    then sends a wake-up). A job that is not paused cannot resume (Conflict)."""
+    job = get_job(session, owner, job_id)
+    if job.status == JobStatus.QUEUED.value and job.attempt > 0:  # resumed already (or recovered): queued
+        return job
+    if job.status != JobStatus.PAUSED.value:
+        raise Conflict(f"job {job.id} is {job.status}, not paused: only a paused job can be resumed",
+                       code="not_paused")
+    done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.PAUSED.value)
+                           .values(claimed_by=None, **transition_values(JobStatus.PAUSED, JobStatus.QUEUED))
+                           ).rowcount
+    session.refresh(job)
+    if not done:
+        return resume_job(session, owner, job_id)
+    add_event(session, job.id, f"resumed: queued, to continue from its checkpoint at step {job.step}")
+    return job
+

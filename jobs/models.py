@@ -109,6 +109,8 @@ class Job(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: how many times the job was recovered after losing its worker (``LOMO_MAX_RECOVERIES``)
+    recoveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):

@@ -29,6 +29,8 @@ from jobs.settings import Settings
 from jobs.states import JobStatus, transition_values
 
 log = logging.getLogger("lomo.recovery")
+#: the statuses of a job that has a worker (and so a heartbeat)
+LIVE = (JobStatus.RUNNING.value, JobStatus.PAUSING.value)
 
 
 def recover_lost(db: Database, settings: Settings, now: datetime | None = None) -> list[str]:
@@ -37,30 +39,35 @@ def recover_lost(db: Database, settings: Settings, now: datetime | None = None) 
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.heartbeat_timeout_s)
     with db.session() as session:
-        stale = session.execute(select(Job.id, Job.attempt, Job.claimed_by, Job.heartbeat_at, Job.cancel_requested)
-                                .where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)).all()
+        stale = session.execute(
+            select(Job.id, Job.status, Job.attempt, Job.recoveries, Job.claimed_by, Job.heartbeat_at,
+                   Job.cancel_requested)
+            .where(Job.status.in_(LIVE), Job.heartbeat_at < cutoff)).all()
     requeued = []
-    for job_id, attempt, worker, heartbeat, cancel in stale:
+    for job_id, status, attempt, recoveries, worker, heartbeat, cancel in stale:
         silent = (now - _aware(heartbeat)).total_seconds()
         with db.session() as session:
-            seen = (Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.attempt == attempt,
-                    Job.heartbeat_at == heartbeat)
+            seen = (Job.id == job_id, Job.status == status, Job.attempt == attempt, Job.heartbeat_at == heartbeat)
             lost = f"worker {worker} lost: no heartbeat for {silent:.0f} s (attempt {attempt})"
             if cancel:
-                values = {**transition_values(JobStatus.RUNNING, JobStatus.CANCELLED, now), "estimated_finish": None}
+                values = {**transition_values(status, JobStatus.CANCELLED, now), "estimated_finish": None}
                 message, level = f"{lost}; its cancellation was asked, so the job ends cancelled", "warning"
-            elif attempt - 1 >= settings.max_recoveries:
-                values = {**transition_values(JobStatus.RUNNING, JobStatus.FAILED, now), "estimated_finish": None,
+            elif status == JobStatus.PAUSING.value:  # it was to pause: paused it is, at its latest checkpoint
+                values = {**transition_values(status, JobStatus.PAUSED, now), "claimed_by": None,
+                          "estimated_finish": None}
+                message, level = f"{lost} while pausing; paused at its latest checkpoint", "warning"
+            elif recoveries >= settings.max_recoveries:
+                values = {**transition_values(status, JobStatus.FAILED, now), "estimated_finish": None,
                           "error_code": "worker_lost",
-                          "error_message": f"the job lost its worker {attempt} times (the last: {worker}); after "
-                                           f"{settings.max_recoveries} recoveries (LOMO_MAX_RECOVERIES) it is not "
-                                           "retried again"}
+                          "error_message": f"the job lost its worker {recoveries + 1} times (the last: {worker}); "
+                                           f"after {settings.max_recoveries} recoveries (LOMO_MAX_RECOVERIES) it is "
+                                           "not retried again"}
                 message, level = f"{lost}; no recovery left: the job fails", "error"
             else:
-                values = {**transition_values(JobStatus.RUNNING, JobStatus.QUEUED, now), "claimed_by": None,
-                          "estimated_finish": None}
+                values = {**transition_values(status, JobStatus.QUEUED, now), "claimed_by": None,
+                          "estimated_finish": None, "recoveries": Job.recoveries + 1}
                 message, level = (f"{lost}; back in the queue, to resume from its latest checkpoint (recovery "
-                                  f"{attempt} of at most {settings.max_recoveries})"), "warning"
+                                  f"{recoveries + 1} of at most {settings.max_recoveries})"), "warning"
             if session.execute(update(Job).where(*seen).values(**values)).rowcount != 1:
                 continue  # it wrote a heartbeat, ended, or another worker recovered it meanwhile
             leases.release(session, job_id)  # every attempt's: the lost one holds them no more

@@ -11,6 +11,8 @@ class JobStatus(str, enum.Enum):
     VALIDATING_FILES = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSING = "pausing"  # a pause was asked: the run checkpoints at its next step and frees its GPUs
+    PAUSED = "paused"  # checkpointed, holding no GPU; resume queues it again
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -28,7 +30,12 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
     # RUNNING -> QUEUED: a job whose worker died goes back to the queue, to resume from its checkpoint.
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED,
+                                  JobStatus.PAUSING}),
+    # a pausing run may still end on its own before its next step, or lose its worker
+    JobStatus.PAUSING: frozenset({JobStatus.PAUSED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED,
+                                  JobStatus.QUEUED}),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),

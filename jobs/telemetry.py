@@ -32,13 +32,15 @@ class Fenced(Exception):
 
 def record_progress(session: Session, job_id: str, records: list[tuple[str, int, dict[str, Any]]],
                     rank: int = 0, attempt: int | None = None) -> bool:
-    """Write a batch of training records and a heartbeat in one transaction; True when cancel was asked.
+    """Write a batch of training records and a heartbeat in one transaction; True when cancel was asked
+    (see ``pause_requested`` for a pause).
 
-    With ``attempt``, the job's row is locked and checked first: when the job is not running in that
-    attempt any more, nothing is written and Fenced is raised."""
+    With ``attempt``, the job's row is locked and checked first: when the job is not running (or pausing)
+    in that attempt any more, nothing is written and Fenced is raised."""
     if attempt is not None:
         job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is None or job.status != JobStatus.RUNNING.value or job.attempt != attempt:
+        if job is None or job.status not in (JobStatus.RUNNING.value, JobStatus.PAUSING.value) \
+                or job.attempt != attempt:
             raise Fenced(job_id)
     else:
         job = session.get(Job, job_id)
@@ -85,6 +87,11 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
     job.heartbeat_at = now
     _update_estimate(job, now)
     return bool(job.cancel_requested)
+
+
+def pause_requested(session: Session, job_id: str) -> bool:
+    """Whether the job was asked to pause (``pausing``): the worker then has its run checkpoint and stop."""
+    return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.PAUSING.value
 
 
 def _rewind(session: Session, job: Job, step: int) -> None:

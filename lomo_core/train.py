@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 
 
+class Paused(Exception):
+    """The run stopped at ``step`` after saving ``checkpoint``, as asked (``train(should_pause=...)``)."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"paused at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, unusable model); the message says what to change.
 
@@ -447,7 +455,8 @@ def _time_to_save(run: Run, last_save: float) -> bool:
     return due
 
 
-def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
+def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = None,
+        should_pause: Callable[[], bool] | None = None) -> TrainResult:
     config, pos = run.config, run.position
     meter = StepMemoryMeter(run.model, run.optimizer, run.device)
     track_every_step = run.device.type == "cuda"
@@ -493,10 +502,17 @@ def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = N
             if run.validation is not None and config.eval_every and pos.step % config.eval_every == 0:
                 val_loss = validation_loss(run)
                 sink.write("val", pos.step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))})
+            saved = None
             if (config.save_every and pos.step % config.save_every == 0) or _time_to_save(run, last_save):
-                sink.write("checkpoint", pos.step, {"path": str(save_checkpoint(run))})
+                saved = save_checkpoint(run)
+                sink.write("checkpoint", pos.step, {"path": str(saved)})
                 _at_checkpoint(run, on_checkpoint, sink)
                 last_save = time.perf_counter()
+            if should_pause is not None and pos.step < run.total_steps and should_pause():
+                if saved is None:
+                    saved = save_checkpoint(run)
+                    sink.write("checkpoint", pos.step, {"path": str(saved), "pause": True})
+                raise Paused(pos.step, saved)
         else:
             pos.epoch, pos.index = pos.epoch + 1, 0
             if config.save_every_epoch and not config.save_every and pos.step < run.total_steps:
@@ -540,9 +556,12 @@ def _per_rank(run: Run, report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = (),
-          on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
+          on_checkpoint: CheckpointCallback | None = None,
+          should_pause: Callable[[], bool] | None = None) -> TrainResult:
     """Run a whole training job. ``config`` may be a TrainConfig or a plain dict of its fields;
-    ``on_checkpoint(model, tokenizer, step)`` runs after each checkpoint (one process only)."""
+    ``on_checkpoint(model, tokenizer, step)`` runs after each checkpoint (one process only). When
+    ``should_pause()`` turns true (checked after each step, in one process), the run saves a checkpoint
+    (unless it just did) and raises Paused: resumed from it, it goes on exactly as if never stopped."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     from transformers.utils import logging as hf_logging
@@ -553,6 +572,6 @@ def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = ()
     main = ranks_from_env().main
     sink = MultiSink([JsonlSink(config.output_dir / "metrics.jsonl"), *sinks] if main else [])
     try:
-        return fit(setup(config), sink, on_checkpoint)
+        return fit(setup(config), sink, on_checkpoint, should_pause)
     finally:
         sink.close()

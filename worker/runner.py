@@ -2,10 +2,11 @@
 
 It runs ``lomo_core.train.train`` (the same loop as the CLI) and reports every record as one JSON line
 on file descriptor N; the worker that started it turns those lines into database rows. It never
-touches the database itself. The last line says how the run ended: ``done``, ``cancelled`` or
-``error`` (with a stable ``code``, a message a person can act on, and the config field concerned).
+touches the database itself. The last line says how the run ended: ``done``, ``cancelled``,
+``paused`` or ``error`` (with a stable ``code``, a message a person can act on, and the config field concerned).
 
 SIGTERM asks it to stop: it stops after the step in progress (the worker kills it if it does not).
+SIGUSR1 asks it to pause: after the step in progress it saves a checkpoint and ends with ``paused``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class PipeSink:
     def __init__(self, fd: int) -> None:
         self._out = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
         self.stop_requested = False
+        self.pause_requested = False
 
     def emit(self, kind: str, step: int, payload: dict[str, Any]) -> None:
         self._out.write(json.dumps({"kind": kind, "step": step, "payload": payload}, default=str) + "\n")
@@ -244,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(os.getpgrp(), signal.SIGKILL)
         sink.stop_requested = True
 
+    def request_pause(_signum: int, _frame: Any) -> None:
+        sink.pause_requested = True
+
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_pause)  # checkpoint at the next step, then stop (``paused``)
     _term_when_parent_dies()
     if orphaned():  # the worker died before the parent-death signal was asked for
         os.killpg(os.getpgrp(), signal.SIGKILL)
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         from lomo_core.config import load_config
-        from lomo_core.train import train
+        from lomo_core.train import Paused, train
 
         with open(args.config, encoding="utf-8") as f:
             config = load_config(json.load(f))
@@ -262,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(evals, config.model, "base", config, sink)
         if config.nproc > 1:
             return _run_ranks(config, sink, evals)
-        result = train(config, sinks=[sink], on_checkpoint=_checkpoint_scorer(evals, sink))
+        try:
+            result = train(config, sinks=[sink], on_checkpoint=_checkpoint_scorer(evals, sink),
+                           should_pause=lambda: sink.pause_requested)
+        except Paused as paused:
+            sink.emit("paused", paused.step, {"step": paused.step})
+            return 0
         _evaluate(evals, result.model_dir, "fine_tuned", config, sink)
         sink.emit("done", result.steps, {
             "model_dir": str(result.model_dir) if result.model_dir else None, "steps": result.steps,

@@ -44,6 +44,7 @@ class ChildReport:
     val: list[tuple[int, float]] = field(default_factory=list)
     validation_rows: int = 0
     fenced: bool = False  # the job was recovered elsewhere meanwhile: this attempt was stopped, ends nothing
+    pause_sent: bool = False  # the child was asked to checkpoint and stop
 
 
 class JobRunner:
@@ -245,11 +246,17 @@ class JobRunner:
                     try:
                         with self.db.session() as session:
                             cancel = telemetry.record_progress(session, job_id, pending, attempt=attempt)
+                            pause = not report.pause_sent and telemetry.pause_requested(session, job_id)
                     except telemetry.Fenced:
                         report.fenced = True
                         _signal_group(child, signal.SIGKILL)
                         break
                     pending, last_flush = [], now
+                    if pause and not cancel and not report.cancel_requested:
+                        report.pause_sent = True
+                        log.info("job %s: pause requested, the training process checkpoints and stops", job_id)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(child.pid, signal.SIGUSR1)  # the runner alone: it has the handler
                     if cancel and not report.cancel_requested:
                         report.cancel_requested, term_sent_at = True, now
                         log.info("job %s: cancellation requested, stopping the training process", job_id)
@@ -277,7 +284,7 @@ class JobRunner:
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable line from the training process: %r", line[:200])
             return
-        if kind in ("done", "cancelled", "error"):
+        if kind in ("done", "cancelled", "paused", "error"):
             report.final = {"kind": kind, **payload}
             return
         if kind == "val":
@@ -298,6 +305,11 @@ class JobRunner:
                     job = session.get(Job, job_id)
                     name = catalog.fine_tuned_name(job.model, job.suffix, job.id)
             return lifecycle.Outcome(JobStatus.SUCCEEDED, fine_tuned_model=name)
+        if kind == "paused" and report.returncode == 0:
+            with self.db.session() as session:
+                events.add_event(session, job_id, f"training process stopped after its checkpoint at step "
+                                                  f"{final.get('step')}")
+            return lifecycle.Outcome(JobStatus.PAUSED)
         if kind == "cancelled" or report.cancel_requested:
             how = "killed after the grace period" if report.killed else "stopped at a step boundary"
             with self.db.session() as session:

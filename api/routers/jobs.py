@@ -50,13 +50,7 @@ def create_job(body: JobCreate, db: DatabaseDep, settings: SettingsDep, caller: 
             if earlier is None:
                 raise
             return job_object(lifecycle.get_job(session, caller.user_id, earlier))
-    try:
-        enqueue(settings, job.id)
-    except Exception as e:  # the job is safe in the database; workers re-send queued jobs when they start
-        log.warning("could not enqueue %s: %s", job.id, e)
-        with db.session() as session:
-            events.add_event(session, job.id, f"the broker could not be reached ({type(e).__name__}); the "
-                                              "job stays queued and is sent when a worker starts", "warning")
+    _wake(db, settings, job.id)
     with db.session() as session:
         return job_object(lifecycle.get_job(session, caller.user_id, job.id))
 
@@ -92,19 +86,31 @@ def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
 
 
 @router.post("/{job_id}/pause", response_model=JobObject, responses={**ERRORS, **CONFLICT},
-             summary="Pause a running job (not available yet: answers 409)")
+             summary="Pause a running job: it checkpoints at its next step, frees its GPUs and ends paused")
 def pause_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    lifecycle.get_job(session, caller.user_id, job_id)
-    raise errors.Conflict("pausing is not available yet: a paused job would need to checkpoint and free its GPUs, "
-                          "which this version does not do; cancel the job, or let it run", code="not_available")
+    return job_object(lifecycle.pause_job(session, caller.user_id, job_id))
 
 
 @router.post("/{job_id}/resume", response_model=JobObject, responses={**ERRORS, **CONFLICT},
-             summary="Resume a paused job (not available yet: answers 409)")
-def resume_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    lifecycle.get_job(session, caller.user_id, job_id)
-    raise errors.Conflict("resuming is not available yet: jobs cannot be paused in this version, so there is "
-                          "nothing to resume", code="not_available")
+             summary="Resume a paused job: queued again, it continues from its checkpoint")
+def resume_job(job_id: str, db: DatabaseDep, settings: SettingsDep, caller: CallerDep) -> Any:
+    with db.session() as session:  # committed before the wake-up is sent
+        job = lifecycle.resume_job(session, caller.user_id, job_id)
+        answer = job_object(job)
+    _wake(db, settings, job.id)
+    return answer
+
+
+def _wake(db, settings, job_id: str) -> None:
+    """Send the wake-up of a job just queued; when the broker cannot be reached the job stays queued,
+    and a starting worker sends wake-ups for what is queued."""
+    try:
+        enqueue(settings, job_id)
+    except Exception as e:
+        log.warning("could not enqueue %s: %s", job_id, e)
+        with db.session() as session:
+            events.add_event(session, job_id, f"the broker could not be reached ({type(e).__name__}); the "
+                                              "job stays queued and is sent when a worker starts", "warning")
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)

@@ -143,12 +143,12 @@ def test_integrations_are_stored_echoed_and_said_to_be_inactive(client, tiny_mod
     assert any(e["level"] == "warn" and "sends nothing to wandb" in e["message"] for e in events)
 
 
-def test_pause_and_resume_say_they_are_not_available_and_not_to_retry(client, tiny_model_dir, file_id):
+def test_a_queued_job_cannot_pause_or_resume_and_the_sdk_is_told_not_to_retry(client, tiny_model_dir, file_id):
     job_id = create(client, tiny_model_dir, file_id).json()["id"]
-    for action in ("pause", "resume"):
+    for action, code in (("pause", "not_running"), ("resume", "not_paused")):
         response = client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}")
         assert response.status_code == 409 and response.headers["x-should-retry"] == "false"
-        assert response.json()["error"]["code"] == "not_available"
+        assert response.json()["error"]["code"] == code
     assert error_of(client.post("/v1/fine_tuning/jobs/ftjob-missing/pause"), 404)["code"] == "job_not_found"
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"  # nothing changed
 

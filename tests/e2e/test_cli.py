@@ -137,7 +137,7 @@ def test_submit_from_a_spec_and_options_waits_for_success(service, tmp_path):
 
     ended = service.lomo("cancel", job_id)
     assert ended.exit_code == 2 and "succeeded" in ended.stderr
-    paused = service.lomo("pause", job_id)  # not available yet, or not for an ended job: a 4xx either way
+    paused = service.lomo("pause", job_id)  # an ended job cannot pause: a 4xx
     assert paused.exit_code == 2 and paused.stderr.strip() and paused.stdout == ""
 
     assert service.json("version")["version"]

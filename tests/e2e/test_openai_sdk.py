@@ -141,9 +141,13 @@ def test_errors_are_typed_and_name_the_field_or_line(sdk, training_file):
     assert "training_file" in unknown_file.value.message and "file-missing" in unknown_file.value.message
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-missing")
+    ended = client.fine_tuning.jobs.create(model="stories260K", training_file=training_file.id,
+                                           method=method(max_steps=1, max_seq_len=192))
+    client.fine_tuning.jobs.cancel(ended.id)
+    assert wait(client, ended.id, _service).status in ("cancelled", "succeeded")
     with pytest.raises(openai.ConflictError) as pause:
-        client.fine_tuning.jobs.pause(client.fine_tuning.jobs.list(limit=1).data[0].id)
-    assert "not available yet" in pause.value.message
+        client.fine_tuning.jobs.pause(ended.id)
+    assert "only a running job can be paused" in pause.value.message
 
 
 def test_a_retried_create_with_the_same_idempotency_key_makes_one_job(sdk, training_file):

@@ -55,6 +55,8 @@ def test_past_the_recovery_budget_the_job_fails_and_a_cancelled_one_ends_cancell
     db, settings = env
     spent, cancelled = seed_jobs(db, [(1, 0), (1, 0)])
     running(db, spent, 3, silent_s=120)  # 2 recoveries already (attempts 2 and 3)
+    with db.session() as s:
+        s.get(Job, spent).recoveries = 2
     running(db, cancelled, 1, silent_s=120, devices=(1,), cancel=True)
     assert recover_lost(db, settings) == []
     with db.session() as s:

@@ -10,8 +10,9 @@ import threading
 import time
 
 import pytest
+import torch
 
-from jobs import files, lifecycle, results
+from jobs import errors, files, lifecycle, results
 from jobs.db import database
 from jobs.migrate import upgrade
 from jobs.models import Checkpoint, EvalResult, GpuLease, Job, MemorySample, MetricPoint
@@ -391,3 +392,47 @@ def test_a_resume_never_uses_a_checkpoint_whose_write_was_cut_short(tmp_path):
         if complete:
             (root / name / "trainer_state.pt").write_bytes(b"x")
     assert _latest_complete_checkpoint(tmp_path) == root / "step-000010"
+
+
+def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, tmp_path):
+    from safetensors.torch import load_file
+
+    from jobs import leases
+
+    settings, db = env
+    settings = settings.model_copy(update={"gpu_memory_gib": [24.0], "requeue_delay_s": 60})
+    hyper = {"max_steps": 30, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3}
+    paused_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(paused_id, poll=False)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while job_row(db, paused_id).step < 3:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    with db.session() as s:
+        assert lifecycle.pause_job(s, "ann", paused_id).status == "pausing"
+    thread.join(timeout=120)
+    assert outcome == ["paused"]
+    job = job_row(db, paused_id)
+    assert job.status == "paused" and 3 <= job.step < 30
+    with db.session() as s:
+        assert leases.leased_devices(s, settings.worker_name) == {}  # its GPU is free while it is paused
+        assert lifecycle.pause_job(s, "ann", paused_id).status == "paused"  # asked again: nothing changes
+    with db.session() as s:
+        assert lifecycle.resume_job(s, "ann", paused_id).status == "queued"
+    assert JobRunner(settings, db).run(paused_id, poll=False) == "succeeded"
+    job = job_row(db, paused_id)
+    assert (job.status, job.attempt, job.step) == ("succeeded", 2, 30)
+    with pytest.raises(errors.Conflict), db.session() as s:
+        lifecycle.pause_job(s, "ann", paused_id)  # an ended job cannot pause
+    with db.session() as s:
+        steps = [p.step for p in s.query(MetricPoint).filter_by(job_id=paused_id, kind="train")
+                 .order_by(MetricPoint.step)]
+    assert steps == list(range(1, 31))
+
+    straight = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
+    assert JobRunner(settings, db).run(straight, poll=False) == "succeeded"
+    a = load_file(str(settings.data_dir / "jobs" / paused_id / "model" / "model.safetensors"))
+    b = load_file(str(settings.data_dir / "jobs" / straight / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -54,6 +54,9 @@ RELATED = """
 - [benchmarks-evals.md](benchmarks-evals.md): evaluation with lm-eval on the CPU (`benchmarks/bench_evals.py
   --job`): 4 to 123 examples/s per task for stories260K; BoolQ, COPA and perplexity at 100 documents on the
   base and the fine-tuned model add 79 s to a 13 s training job.
+- [benchmarks-recovery.md](benchmarks-recovery.md): a worker SIGKILLed mid-job (`benchmarks/bench_recovery.py
+  --kills 5 --timeout 4`): the job runs again on the other worker after a median 4.6 s with a 4 s heartbeat
+  timeout; it redoes the steps after its last checkpoint (median 1, at most the interval of 10).
 """
 MiB = 1024**2
 

@@ -5,7 +5,8 @@ Two real `lomo worker` processes share Postgres and Redis (127.0.0.1, as in the 
 SIGKILLed, a fresh worker is started in its place, and the time until the job runs again on the other
 worker is measured (heartbeat timeout + the recovery poll + the claim + the child's start). Repeated
 ``--kills`` times (each on a new job); the report gives the median, and the steps done again after each
-recovery (the steps between the checkpoint resumed from and the step reached at the kill).
+recovery (the steps between the checkpoint resumed from and the last step the lost process completed,
+read from the job's own metrics.jsonl).
 
     .venv/bin/python benchmarks/bench_recovery.py --kills 5 --timeout 4 --out docs/benchmarks-recovery.md
 """
@@ -13,6 +14,7 @@ recovery (the steps between the checkpoint resumed from and the step reached at 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -47,6 +49,13 @@ def start_worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen:
     return process
 
 
+def _last_step(metrics: Path) -> int:
+    """The last step the training process completed (its own metrics.jsonl, written every step)."""
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if line.strip() and json.loads(line).get("kind") == "train"]
+    return max(steps, default=0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=5)
@@ -79,10 +88,11 @@ def main() -> int:
                     time.sleep(0.05)
                 with db.session() as s:
                     victim = s.get(Job, job_id).claimed_by.split(":")[0]
-                step_at_kill = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["step"]
                 killed = time.monotonic()
                 os.killpg(workers[victim].pid, signal.SIGKILL)
                 workers[victim].wait()
+                time.sleep(0.5)  # its training process stops (parent-death signal), before the next attempt
+                step_at_kill = _last_step(settings.data_dir / "jobs" / job_id / "metrics.jsonl")
                 while True:
                     job = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
                     if job["attempt"] == 2 and job["status"] == "running":

@@ -89,6 +89,32 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
     return bool(job.cancel_requested)
 
 
+def backfill(session: Session, job_id: str, step: int, checkpoint_path: str,
+             records: list[tuple[str, int, dict[str, Any]]]) -> None:
+    """Before an attempt resumes from the checkpoint at ``step``: the train and val points up to it that
+    the lost attempt logged (its ``metrics.jsonl``) but never reported are added, the checkpoint is listed
+    if it was not, and the trained tokens are those of the steps up to it."""
+    job = session.get(Job, job_id)
+    have = set(session.execute(select(MetricPoint.kind, MetricPoint.step).where(
+        MetricPoint.job_id == job_id, MetricPoint.step <= step)).all())
+    tokens = 0
+    for kind, at, payload in records:
+        if kind == "train":
+            tokens += int(payload.get("tokens", 0))
+        if (kind, at) in have:
+            continue
+        session.add(MetricPoint(job_id=job_id, step=at, kind=kind, loss=payload["loss"], lr=payload.get("lr"),
+                                tokens_per_s=payload.get("tokens_per_s"), grad_norm=payload.get("grad_norm"),
+                                created_at=utcnow()))
+    if records:
+        job.trained_tokens = tokens
+    if not session.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id, Checkpoint.step == step,
+                                                      Checkpoint.deleted_at.is_(None))):
+        last = {kind: next((p["loss"] for k, _at, p in reversed(records) if k == kind), None)
+                for kind in ("train", "val")}
+        record_checkpoint(session, job, step, checkpoint_path, last["train"], last["val"])
+
+
 def pause_requested(session: Session, job_id: str) -> bool:
     """Whether the job was asked to pause (``pausing``): the worker then has its run checkpoint and stop."""
     return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.PAUSING.value

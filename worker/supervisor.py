@@ -179,8 +179,11 @@ class JobRunner:
         resume = _latest_complete_checkpoint(output_dir)
         if resume is not None:  # an earlier attempt of this job saved one: continue from it, bit for bit
             values["resume_from"] = resume
+            step = int(resume.name[5:])
             with self.db.session() as session:
-                events.add_event(session, job_id, f"resuming from the checkpoint at step {int(resume.name[5:])}")
+                # what the lost attempt did up to its checkpoint but had not reported yet is in its own log
+                telemetry.backfill(session, job_id, step, str(resume), _logged_records(output_dir, step))
+                events.add_event(session, job_id, f"resuming from the checkpoint at step {step}")
         evals = []
         with self.db.session() as session:
             for spec in session.get(Job, job_id).evals or []:
@@ -361,6 +364,23 @@ def public_text(text: str | None) -> str | None:
     if not text:
         return text
     return _ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}" if m.group(1) else "...", text)
+
+
+def _logged_records(output_dir: Path, until: int) -> list[tuple[str, int, dict[str, Any]]]:
+    """The train and val records of the job's own ``metrics.jsonl`` (every attempt appends to it) up to
+    step ``until``, the last of each (kind, step)."""
+    path = output_dir / "metrics.jsonl"
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                kind, step = record.pop("kind"), int(record.pop("step"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a line cut short by the kill
+            if kind in ("train", "val") and step <= until:
+                found[(kind, step)] = record
+    return [(kind, step, payload) for (kind, step), payload in sorted(found.items(), key=lambda kv: kv[0][1])]
 
 
 def _latest_complete_checkpoint(output_dir: Path) -> Path | None:

@@ -107,3 +107,22 @@ def test_a_resumed_attempt_forgets_what_the_lost_one_did_after_the_checkpoint(en
         job = s.get(Job, job_id)
     assert points == [(1, 3.0), (2, 2.0), (3, 1.4)]  # step 3 once, from the attempt that counts
     assert (job.step, job.trained_tokens) == (3, 30)
+
+
+def test_what_the_lost_attempt_logged_but_never_reported_is_backfilled(env, tmp_path):
+    db, _settings = env
+    [job_id] = seed_jobs(db, [(1, 0)])
+    running(db, job_id, 1, silent_s=0)
+    with db.session() as s:  # reported before the kill: steps 1 and 2
+        telemetry.record_progress(s, job_id, [("train", 1, {"loss": 3.0, "tokens": 10}),
+                                              ("train", 2, {"loss": 2.5, "tokens": 10})], attempt=1)
+    logged = [("train", n, {"loss": 3.0 - n / 4, "tokens": 10}) for n in range(1, 5)] + [("val", 4, {"loss": 2.2})]
+    with db.session() as s:  # the next attempt resumes from the checkpoint at step 4 the lost one saved
+        telemetry.backfill(s, job_id, 4, str(tmp_path / "step-4"), logged)
+    with db.session() as s:
+        points = sorted((p.kind, p.step) for p in s.query(MetricPoint).filter_by(job_id=job_id))
+        job = s.get(Job, job_id)
+        listed, _ = results.list_checkpoints(s, "ann", job_id)
+    assert points == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("val", 4)]
+    assert job.trained_tokens == 40
+    assert [(c.step, c.metrics["train_loss"], c.metrics["valid_loss"]) for c in listed] == [(4, 2.0, 2.2)]

@@ -401,7 +401,7 @@ def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, t
 
     settings, db = env
     settings = settings.model_copy(update={"gpu_memory_gib": [24.0], "requeue_delay_s": 60})
-    hyper = {"max_steps": 30, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3}
+    hyper = {"max_steps": 120, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3}  # long enough to pause mid-run
     paused_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(paused_id, poll=False)))
@@ -415,7 +415,7 @@ def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, t
     thread.join(timeout=120)
     assert outcome == ["paused"]
     job = job_row(db, paused_id)
-    assert job.status == "paused" and 3 <= job.step < 30
+    assert job.status == "paused" and 3 <= job.step < 120
     with db.session() as s:
         assert leases.leased_devices(s, settings.worker_name) == {}  # its GPU is free while it is paused
         assert lifecycle.pause_job(s, "ann", paused_id).status == "paused"  # asked again: nothing changes
@@ -423,13 +423,13 @@ def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, t
         assert lifecycle.resume_job(s, "ann", paused_id).status == "queued"
     assert JobRunner(settings, db).run(paused_id, poll=False) == "succeeded"
     job = job_row(db, paused_id)
-    assert (job.status, job.attempt, job.step) == ("succeeded", 2, 30)
+    assert (job.status, job.attempt, job.step) == ("succeeded", 2, 120)
     with pytest.raises(errors.Conflict), db.session() as s:
         lifecycle.pause_job(s, "ann", paused_id)  # an ended job cannot pause
     with db.session() as s:
         steps = [p.step for p in s.query(MetricPoint).filter_by(job_id=paused_id, kind="train")
                  .order_by(MetricPoint.step)]
-    assert steps == list(range(1, 31))
+    assert steps == list(range(1, 121))
 
     straight = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
     assert JobRunner(settings, db).run(straight, poll=False) == "succeeded"

@@ -150,9 +150,22 @@ class Outcome:
     result_files: list[str] = field(default_factory=list)
 
 
-def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | None = None) -> bool:
+def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | None = None) -> JobStatus | None:
     """``running | pausing -> succeeded | failed | cancelled | paused``, only if the job is still live
-    (in ``attempt``, when given: an attempt that was recovered elsewhere ends nothing)."""
+    (in ``attempt``, when given: an attempt that was recovered elsewhere ends nothing). A job that paused
+    because it was preempted goes back to the queue instead. Returns the status the job is left in, or
+    None when it was not live."""
+    live = [Job.id == job_id, *([Job.attempt == attempt] if attempt is not None else [])]
+    if outcome.status is JobStatus.PAUSED:
+        preempted_by = session.scalar(select(Job.preempted_by).where(*live, Job.status == JobStatus.PAUSING.value))
+        if preempted_by and session.execute(
+                update(Job).where(*live, Job.status == JobStatus.PAUSING.value, Job.preempted_by == preempted_by)
+                .values(claimed_by=None, estimated_finish=None, preempted_by=None, preemptions=Job.preemptions + 1,
+                        **transition_values(JobStatus.PAUSING, JobStatus.QUEUED))).rowcount:
+            step = session.scalar(select(Job.step).where(Job.id == job_id))
+            add_event(session, job_id, f"preempted by {preempted_by}: back in the queue, its GPUs free; it resumes "
+                                       f"from its checkpoint at step {step} when GPUs free up")
+            return JobStatus.QUEUED
     for current in (JobStatus.RUNNING, JobStatus.PAUSING):
         if outcome.status not in ALLOWED[current]:
             continue
@@ -160,8 +173,7 @@ def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | N
         if outcome.status in (JobStatus.SUCCEEDED, JobStatus.PAUSED):
             values["estimated_finish"] = None
         done = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == current.value,
-                              *([Job.attempt == attempt] if attempt is not None else [])).values(
+            update(Job).where(*live, Job.status == current.value).values(
                 error_code=outcome.error_code, error_message=outcome.error_message, error_param=outcome.error_param,
                 fine_tuned_model=outcome.fine_tuned_model, result_files=outcome.result_files, **values)
         ).rowcount
@@ -170,8 +182,8 @@ def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | N
                     JobStatus.PAUSED: "job paused: its GPUs are free; resume continues from its checkpoint"}.get(
                 outcome.status, f"job failed: {outcome.error_message}")
             add_event(session, job_id, text, "error" if outcome.status is JobStatus.FAILED else "info")
-            return True
-    return False
+            return outcome.status
+    return None
 
 
 def pause_job(session: Session, owner: str, job_id: str) -> Job:
@@ -179,6 +191,15 @@ def pause_job(session: Session, owner: str, job_id: str) -> Job:
     Pausing a pausing or paused job changes nothing; a queued or ended one cannot pause (Conflict)."""
     job = get_job(session, owner, job_id)
     status = JobStatus(job.status)
+    if status is JobStatus.PAUSING and job.preempted_by:  # pausing for a preemption: now it stays paused
+        if session.execute(update(Job).where(Job.id == job_id, Job.status == status.value,
+                                             Job.preempted_by == job.preempted_by)
+                           .values(preempted_by=None)).rowcount:
+            add_event(session, job.id, "pause requested: the run, already stopping for a preemption, ends paused "
+                                       "instead of going back to the queue")
+        session.refresh(job)
+        return job if job.status in (JobStatus.PAUSING.value, JobStatus.PAUSED.value) else pause_job(
+            session, owner, job_id)
     if status in (JobStatus.PAUSING, JobStatus.PAUSED):
         return job
     if status is JobStatus.QUEUED:
@@ -186,10 +207,6 @@ def pause_job(session: Session, owner: str, job_id: str) -> Job:
                        code="not_running")
     if status is not JobStatus.RUNNING:
         raise Conflict(f"job {job_id} has {status.value}; only a running job can be paused", code="not_running")
-    if (job.gpus or 1) > 1:
-        raise Conflict(f"job {job_id} runs on {job.gpus} devices: pausing a job on several devices is not "
-                       "available yet (its ranks would have to stop together); cancel it, or let it run",
-                       code="not_available")
     done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
                            .values(**transition_values(JobStatus.RUNNING, JobStatus.PAUSING))).rowcount
     session.refresh(job)

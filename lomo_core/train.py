@@ -455,6 +455,16 @@ def _time_to_save(run: Run, last_save: float) -> bool:
     return due
 
 
+def _pause_due(run: Run, should_pause: Callable[[], bool]) -> bool:
+    """A pause was asked; on several ranks, when any rank saw it, so that all checkpoint and stop together."""
+    due = bool(should_pause())
+    if run.ranks.distributed:
+        from lomo_core.zero3.runtime import all_reduce_sum
+
+        due = all_reduce_sum([float(due)], run.device)[0] > 0
+    return due
+
+
 def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = None,
         should_pause: Callable[[], bool] | None = None) -> TrainResult:
     config, pos = run.config, run.position
@@ -508,7 +518,7 @@ def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = N
                 sink.write("checkpoint", pos.step, {"path": str(saved)})
                 _at_checkpoint(run, on_checkpoint, sink)
                 last_save = time.perf_counter()
-            if should_pause is not None and pos.step < run.total_steps and should_pause():
+            if should_pause is not None and pos.step < run.total_steps and _pause_due(run, should_pause):
                 if saved is None:
                     saved = save_checkpoint(run)
                     sink.write("checkpoint", pos.step, {"path": str(saved), "pause": True})
@@ -560,8 +570,9 @@ def train(config: TrainConfig | dict[str, Any], sinks: Sequence[MetricSink] = ()
           should_pause: Callable[[], bool] | None = None) -> TrainResult:
     """Run a whole training job. ``config`` may be a TrainConfig or a plain dict of its fields;
     ``on_checkpoint(model, tokenizer, step)`` runs after each checkpoint (one process only). When
-    ``should_pause()`` turns true (checked after each step, in one process), the run saves a checkpoint
-    (unless it just did) and raises Paused: resumed from it, it goes on exactly as if never stopped."""
+    ``should_pause()`` turns true (checked after each step; on several ranks, when it does on any), the run
+    saves a checkpoint (unless it just did) and raises Paused: resumed from it, it goes on exactly as if never
+    stopped."""
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     from transformers.utils import logging as hf_logging

@@ -47,7 +47,8 @@ class PipeSink:
 
 def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
     """Several ranks (``lomo_core.zero3.launch``): rank 0 writes metrics.jsonl, which is followed here
-    and passed on line by line; SIGTERM stops the ranks (torch.distributed.run ends them all)."""
+    and passed on line by line; SIGTERM stops the ranks (torch.distributed.run ends them all). A pause
+    (SIGUSR1) is passed on as the launcher's pause file: the ranks checkpoint together and stop."""
     import threading
     import time
 
@@ -56,11 +57,15 @@ def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
     metrics = config.output_dir / "metrics.jsonl"
     start = metrics.stat().st_size if metrics.is_file() else 0
     finished = threading.Event()
+    pause_file = config.output_dir / ".pause-requested"
+    pause_file.unlink(missing_ok=True)  # an earlier attempt's
 
     def follow() -> None:
         position, partial = start, b""
         while True:
             done = finished.is_set()
+            if sink.pause_requested and not pause_file.exists():
+                pause_file.touch()
             if metrics.is_file():
                 with metrics.open("rb") as f:
                     f.seek(position)
@@ -77,14 +82,19 @@ def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
     try:
-        summary = launch(config)
+        summary = launch(config, pause_file=pause_file)
     except LaunchError as error:
         finished.set()
         follower.join()
+        pause_file.unlink(missing_ok=True)
         sink.emit("error", 0, {"code": error.code, "message": str(error), "field": error.field})
         return 1
     finished.set()
     follower.join()
+    pause_file.unlink(missing_ok=True)
+    if summary.get("paused") is not None:
+        sink.emit("paused", summary["paused"], {"step": summary["paused"]})
+        return 0
     _evaluate(evals, summary.get("model_dir"), "fine_tuned", config, sink)
     sink.emit("done", summary["steps"], {
         "model_dir": summary.get("model_dir"), "steps": summary["steps"], "val_loss": summary.get("val_loss"),

@@ -23,6 +23,9 @@ from typing import Any
 from lomo_core.config import TrainConfig
 
 ERRORS_DIR = ".ranks"
+#: the environment variable naming a file whose appearance asks the ranks to checkpoint and stop (a pause)
+PAUSE_FILE_ENV = "LOMO_PAUSE_FILE"
+PAUSED_FILE = "paused.json"
 
 
 class LaunchError(RuntimeError):
@@ -39,8 +42,12 @@ def _cpu_only(config: TrainConfig) -> bool:
     return not torch.cuda.is_available()
 
 
-def launch(config: TrainConfig, progress: bool = False, log_path: Path | None = None) -> dict[str, Any]:
-    """Train ``config`` on ``config.nproc`` ranks; returns the run's summary (``summary.json``)."""
+def launch(config: TrainConfig, progress: bool = False, log_path: Path | None = None,
+           pause_file: Path | None = None) -> dict[str, Any]:
+    """Train ``config`` on ``config.nproc`` ranks; returns the run's summary (``summary.json``).
+
+    With ``pause_file``: once that file exists, the ranks save a checkpoint together after the step in
+    progress and stop; the summary is then ``{"paused": step, "checkpoint": path}``."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     errors = out / ERRORS_DIR
@@ -52,6 +59,9 @@ def launch(config: TrainConfig, progress: bool = False, log_path: Path | None = 
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU ranks, gloo between them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc)))
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env.pop(PAUSE_FILE_ENV, None)
+    if pause_file is not None:
+        env[PAUSE_FILE_ENV] = str(pause_file)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(config.nproc),
            "-m", "lomo_core.zero3.launch", str(config_path)] + (["--progress"] if progress else [])
     log_path = log_path or out / "launch.log"
@@ -68,6 +78,8 @@ def launch(config: TrainConfig, progress: bool = False, log_path: Path | None = 
         returncode = child.wait()
     if returncode != 0:
         raise _failure(errors, log_path, returncode)
+    if (errors / PAUSED_FILE).is_file():
+        return json.loads((errors / PAUSED_FILE).read_text())
     return json.loads((out / "summary.json").read_text())
 
 
@@ -99,7 +111,7 @@ def _rank_main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     config = TrainConfig.model_validate_json(Path(args.config).read_text())
     try:
-        from lomo_core.train import train
+        from lomo_core.train import Paused, train
 
         sinks = []
         if args.progress and rank == 0:
@@ -108,7 +120,15 @@ def _rank_main(argv: list[str]) -> int:
             from lomo_core.metrics import ProgressBarSink
 
             sinks.append(ProgressBarSink(console=Console(stderr=True)))
-        train(config, sinks=sinks)
+        pause_file = os.environ.get(PAUSE_FILE_ENV)
+        try:
+            train(config, sinks=sinks, should_pause=(lambda: Path(pause_file).exists()) if pause_file else None)
+        except Paused as paused:  # every rank saved its part of the checkpoint and stops here
+            if rank == 0:
+                folder = Path(config.output_dir) / ERRORS_DIR
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / PAUSED_FILE).write_text(json.dumps({"paused": paused.step,
+                                                              "checkpoint": str(paused.checkpoint)}))
     except BaseException as error:
         from lomo_core.errors import classify
 

@@ -118,6 +118,9 @@ class JobObject(BaseModel):
     progress: Progress
     cancel_requested: bool
     attempt: int
+    recoveries: int  # times it was queued again after losing its worker (LOMO_MAX_RECOVERIES)
+    preemptions: int  # times it paused for a job of higher priority and was queued again (LOMO_PREEMPT)
+    preempted_by: str | None  # while it pauses for a job of higher priority: that job
     predicted_memory: dict[str, Any] | None
     gpus: int
     priority: int

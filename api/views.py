@@ -51,7 +51,8 @@ def job_object(job: Job) -> JobObject:
         started_at=unix(job.started_at), optimizer=job.method,
         progress=Progress(step=job.step or 0, total_steps=total,
                           fraction=round((job.step or 0) / total, 4) if total else None),
-        cancel_requested=bool(job.cancel_requested), attempt=job.attempt or 0,
+        cancel_requested=bool(job.cancel_requested), attempt=job.attempt or 0, recoveries=job.recoveries or 0,
+        preemptions=job.preemptions or 0, preempted_by=job.preempted_by,
         predicted_memory=job.predicted_memory, gpus=job.gpus or 1, priority=job.priority or 0,
         evals=job.evals or [],
     )

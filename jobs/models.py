@@ -29,6 +29,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def aware(moment: datetime) -> datetime:
+    """``moment`` with its time zone (SQLite gives back naive UTC datetimes)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def new_id(prefix: str) -> str:
     """A row id that names its kind (``ftjob-...``, ``file-...``) and cannot be guessed."""
     return f"{prefix}-{secrets.token_hex(12)}"
@@ -111,6 +116,11 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     #: how many times the job was recovered after losing its worker (``LOMO_MAX_RECOVERIES``)
     recoveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: while it pauses to make room for a waiting job of higher priority (``jobs.scheduler``): that job's
+    #: id; the pause then ends back in the queue instead of ``paused``
+    preempted_by: Mapped[str | None] = mapped_column(String(64))
+    #: how many times the job was preempted
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):

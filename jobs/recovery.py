@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from jobs import leases
 from jobs.db import Database
 from jobs.events import add_event
-from jobs.models import Job, utcnow
+from jobs.models import Job, aware, utcnow
 from jobs.settings import Settings
 from jobs.states import JobStatus, transition_values
 
@@ -41,18 +41,18 @@ def recover_lost(db: Database, settings: Settings, now: datetime | None = None) 
     with db.session() as session:
         stale = session.execute(
             select(Job.id, Job.status, Job.attempt, Job.recoveries, Job.claimed_by, Job.heartbeat_at,
-                   Job.cancel_requested)
+                   Job.cancel_requested, Job.preempted_by)
             .where(Job.status.in_(LIVE), Job.heartbeat_at < cutoff)).all()
     requeued = []
-    for job_id, status, attempt, recoveries, worker, heartbeat, cancel in stale:
-        silent = (now - _aware(heartbeat)).total_seconds()
+    for job_id, status, attempt, recoveries, worker, heartbeat, cancel, preempted_by in stale:
+        silent = (now - aware(heartbeat)).total_seconds()
         with db.session() as session:
             seen = (Job.id == job_id, Job.status == status, Job.attempt == attempt, Job.heartbeat_at == heartbeat)
             lost = f"worker {worker} lost: no heartbeat for {silent:.0f} s (attempt {attempt})"
             if cancel:
                 values = {**transition_values(status, JobStatus.CANCELLED, now), "estimated_finish": None}
                 message, level = f"{lost}; its cancellation was asked, so the job ends cancelled", "warning"
-            elif status == JobStatus.PAUSING.value:  # it was to pause: paused it is, at its latest checkpoint
+            elif status == JobStatus.PAUSING.value and not preempted_by:  # paused it is, at its latest checkpoint
                 values = {**transition_values(status, JobStatus.PAUSED, now), "claimed_by": None,
                           "estimated_finish": None}
                 message, level = f"{lost} while pausing; paused at its latest checkpoint", "warning"
@@ -65,7 +65,7 @@ def recover_lost(db: Database, settings: Settings, now: datetime | None = None) 
                 message, level = f"{lost}; no recovery left: the job fails", "error"
             else:
                 values = {**transition_values(status, JobStatus.QUEUED, now), "claimed_by": None,
-                          "estimated_finish": None, "recoveries": Job.recoveries + 1}
+                          "estimated_finish": None, "recoveries": Job.recoveries + 1, "preempted_by": None}
                 message, level = (f"{lost}; back in the queue, to resume from its latest checkpoint (recovery "
                                   f"{recoveries + 1} of at most {settings.max_recoveries})"), "warning"
             if session.execute(update(Job).where(*seen).values(**values)).rowcount != 1:
@@ -76,9 +76,3 @@ def recover_lost(db: Database, settings: Settings, now: datetime | None = None) 
             if values["status"] == JobStatus.QUEUED.value:
                 requeued.append(job_id)
     return requeued
-
-
-def _aware(moment: datetime) -> datetime:
-    from datetime import timezone
-
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

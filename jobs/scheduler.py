@@ -11,6 +11,15 @@ with the number of its node's GPUs that are free:
 - a job that needs more GPUs than this node has, or whose predicted peak per GPU is larger than this
   node's GPUs (nodes of different cards), is left to other nodes, and does not block this one.
 
+Preemption (``LOMO_PREEMPT``): when the first job of the queue that this node can run does not fit the
+free GPUs, and running jobs of lower priority hold enough of them, the fewest such jobs needed are
+paused for it (lowest priority first, then the most recently started): each checkpoints at its next
+step, frees its GPUs and goes back to the queue (``preempted_by``), to resume from that checkpoint when
+GPUs free up. Two bounds: a job is preempted only after it has run ``LOMO_PREEMPT_MIN_RUN_S`` since its
+last start, so it always makes progress; and while a preemption is under way the freed GPUs are held
+for the job it makes room for (no backfill takes them), so no job is preempted in vain. A preempted job
+keeps its place in the queue: it resumes before the jobs of its priority that came after it.
+
 Choosing, claiming and leasing happen in one transaction: the conditional ``UPDATE ... WHERE
 status='queued'`` claims the job, the lease rows take the devices (a partial unique index refuses a
 device already leased), and the waiting jobs' ``bypassed`` counts grow. When another worker won any
@@ -22,16 +31,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import leases, lifecycle
 from jobs.db import Database, session_scope
 from jobs.events import add_event
-from jobs.models import GpuLease, Job, JobEvent, utcnow
-from jobs.states import JobStatus
+from jobs.models import GpuLease, Job, JobEvent, aware, utcnow
+from jobs.states import JobStatus, transition_values
 
 log = logging.getLogger("lomo.scheduler")
 
@@ -44,6 +54,17 @@ class Waiting:
     need: int  # GPUs (or CPU ranks)
     bypassed: int = 0
     need_bytes: int | None = None  # predicted peak per GPU, when the memory model gave one
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Running:
+    """A running job as preemption sees it: the GPUs it holds on this node, since when it runs."""
+
+    id: str
+    priority: int
+    gpus: int
+    started_at: datetime
 
 
 @dataclass
@@ -53,22 +74,51 @@ class Choice:
     held_for: str | None = None  # the job the free GPUs are held for (it reached the backfill limit)
 
 
+def fits_node(job: Waiting, node_size: int | None, device_bytes: int | None = None) -> bool:
+    """Whether ``job`` can ever run on a node of ``node_size`` GPUs of ``device_bytes`` each (a CPU node:
+    ``node_size`` None, always)."""
+    if node_size is None:
+        return True
+    too_small = device_bytes is not None and job.need_bytes is not None and job.need_bytes > device_bytes
+    return not too_small and job.need <= node_size
+
+
 def choose(queue: list[Waiting], free: int | None, node_size: int | None, backfill_limit: int,
-           device_bytes: int | None = None) -> Choice:
+           device_bytes: int | None = None, reserved: frozenset[str] = frozenset()) -> Choice:
     """The job to start from ``queue`` (in queue order) with ``free`` GPUs (None: a CPU node, where
-    the first job starts), on a node of ``node_size`` GPUs of ``device_bytes`` each (the smallest)."""
+    the first job starts), on a node of ``node_size`` GPUs of ``device_bytes`` each (the smallest).
+    The GPUs are held for a job of ``reserved`` (running jobs are being preempted for it) as for one
+    at the backfill limit."""
     skipped: list[str] = []
     for job in queue:
-        too_small = (node_size is not None and device_bytes is not None and job.need_bytes is not None
-                     and job.need_bytes > device_bytes)
-        if too_small or (node_size is not None and job.need > node_size):
+        if not fits_node(job, node_size, device_bytes):
             continue  # never fits here (too few GPUs, or GPUs smaller than its predicted peak): another node's job
         if free is None or job.need <= free:
             return Choice(job.id, skipped)
-        if job.bypassed >= backfill_limit:
+        if job.bypassed >= backfill_limit or job.id in reserved:
             return Choice(None, skipped, held_for=job.id)
         skipped.append(job.id)
     return Choice(None, skipped)
+
+
+def preemption_victims(waiting: Waiting, free: int, running: list[Running], now: datetime,
+                       min_run_s: float) -> list[str]:
+    """The running jobs to preempt so that ``waiting`` can start with ``free`` GPUs free: the fewest of
+    lower priority that have run ``min_run_s`` since their start, lowest priority first, then the most
+    recently started (the least time since its start is lost to the restart). Empty when even all of
+    them would not free enough GPUs: nothing is preempted in vain."""
+    if waiting.need <= free:
+        return []
+    eligible = sorted((r for r in running if r.priority < waiting.priority
+                       and (now - r.started_at).total_seconds() >= min_run_s),
+                      key=lambda r: (r.priority, -r.started_at.timestamp(), r.id))
+    chosen, freed = [], free
+    for job in eligible:
+        chosen.append(job.id)
+        freed += job.gpus
+        if freed >= waiting.need:
+            return chosen
+    return []
 
 
 @dataclass
@@ -84,10 +134,28 @@ class _Lost(Exception):
 
 
 def queue_snapshot(session: Session) -> list[Waiting]:
-    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed, Job.predicted_memory)
+    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed, Job.predicted_memory, Job.priority)
                            .where(Job.status == JobStatus.QUEUED.value)
                            .order_by(Job.priority.desc(), Job.created_at, Job.id))
-    return [Waiting(id, need or 1, bypassed or 0, _predicted_peak(predicted)) for id, need, bypassed, predicted in rows]
+    return [Waiting(id, need or 1, bypassed or 0, _predicted_peak(predicted), priority or 0)
+            for id, need, bypassed, predicted, priority in rows]
+
+
+def preemptions_under_way(session: Session) -> frozenset[str]:
+    """The queued jobs that running jobs are pausing for (their GPUs are held for them)."""
+    return frozenset(session.scalars(select(Job.preempted_by).where(Job.status == JobStatus.PAUSING.value,
+                                                                    Job.preempted_by.is_not(None))))
+
+
+def running_on(session: Session, node: str) -> list[Running]:
+    """The running jobs that hold GPUs of ``node`` (and whose cancellation was not asked)."""
+    rows = session.execute(
+        select(Job.id, Job.priority, Job.started_at, func.count(GpuLease.id))
+        .join(GpuLease, GpuLease.job_id == Job.id)
+        .where(GpuLease.node == node, GpuLease.released_at.is_(None), Job.status == JobStatus.RUNNING.value,
+               Job.cancel_requested.is_(False))
+        .group_by(Job.id, Job.priority, Job.started_at))
+    return [Running(id, priority or 0, count, aware(started)) for id, priority, started, count in rows]
 
 
 def _predicted_peak(predicted: dict | None) -> int | None:
@@ -99,14 +167,17 @@ def _predicted_peak(predicted: dict | None) -> int | None:
 
 
 def start_next(db: Database, node: str, node_size: int | None, worker: str, backfill_limit: int,
-               attempts: int = 50, device_bytes: int | None = None) -> Started | None:
+               attempts: int = 50, device_bytes: int | None = None,
+               preempt_min_run_s: float | None = None) -> Started | None:
     """Claim the next job this node can start and lease its GPUs, or None when no queued job can start
     here now. ``node_size`` is the node's GPU count (None on a CPU node), ``device_bytes`` the memory of
-    its smallest GPU."""
+    its smallest GPU. With ``preempt_min_run_s`` (preemption on), a waiting job that running jobs of
+    lower priority block has them paused for it (see the module's docstring)."""
     for _ in range(attempts):
         try:
             with session_scope(db.sessions) as session:
-                return _start_next(session, node, node_size, worker, backfill_limit, device_bytes)
+                return _start_next(session, node, node_size, worker, backfill_limit, device_bytes,
+                                   preempt_min_run_s)
         except (_Lost, IntegrityError):
             continue  # another worker changed the queue or the leases between our read and our write
         except OperationalError as e:
@@ -119,11 +190,16 @@ def start_next(db: Database, node: str, node_size: int | None, worker: str, back
 
 
 def _start_next(session: Session, node: str, node_size: int | None, worker: str,
-                backfill_limit: int, device_bytes: int | None = None) -> Started | None:
+                backfill_limit: int, device_bytes: int | None = None,
+                preempt_min_run_s: float | None = None) -> Started | None:
     taken = leases.leased_devices(session, node) if node_size is not None else {}
     free = [i for i in range(node_size) if i not in taken] if node_size is not None else None
     queue = queue_snapshot(session)
-    choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit, device_bytes)
+    reserved = preemptions_under_way(session)
+    choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit, device_bytes,
+                    reserved)
+    if choice.job_id is None and free is not None and preempt_min_run_s is not None:
+        _preempt_for(session, node, queue, len(free), node_size, device_bytes, reserved, preempt_min_run_s)
     for job_id in choice.skipped[:1] + ([choice.held_for] if choice.held_for else []):
         need = next(j.need for j in queue if j.id == job_id)
         _note_waiting(session, job_id, f"waiting: {need} GPU(s) needed, {len(free or [])} of {node_size} free on "
@@ -167,3 +243,31 @@ def _note_waiting(session: Session, job_id: str, message: str) -> None:
                           .order_by(JobEvent.id.desc()).limit(1))
     if last is None or not last.startswith("waiting:"):
         add_event(session, job_id, message)
+
+
+def _preempt_for(session: Session, node: str, queue: list[Waiting], free: int, node_size: int,
+                 device_bytes: int | None, reserved: frozenset[str], min_run_s: float) -> None:
+    """Pause the running jobs of lower priority that the first job of the queue this node can run needs
+    the GPUs of (unless a preemption is already under way for it)."""
+    target = next((job for job in queue if fits_node(job, node_size, device_bytes)), None)
+    if target is None or target.id in reserved:
+        return
+    now = utcnow()
+    running = running_on(session, node)
+    victims = preemption_victims(target, free, running, now, min_run_s)
+    if not victims:
+        return
+    by_id = {job.id: job for job in running}
+    for victim in victims:
+        done = session.execute(
+            update(Job).where(Job.id == victim, Job.status == JobStatus.RUNNING.value)
+            .values(preempted_by=target.id, **transition_values(JobStatus.RUNNING, JobStatus.PAUSING, now))
+        ).rowcount
+        if done != 1:
+            raise _Lost()  # it ended or was paused meanwhile: look again
+        add_event(session, victim, f"preempted by {target.id} (priority {target.priority} over "
+                                   f"{by_id[victim].priority}): the run checkpoints at its next step, frees its "
+                                   "GPUs and goes back to the queue, to resume when GPUs free up", "warning")
+    add_event(session, target.id, f"waiting: preempting {', '.join(victims)} (lower priority) for its "
+                                  f"{target.need} GPU(s) on {node}")
+    log.info("job %s: preempting %s on %s", target.id, ", ".join(victims), node)

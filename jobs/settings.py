@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     #: jobs without save_every checkpoint this often (minutes of training), so a lost worker costs at most
     #: that much (0: only at the end of each epoch)
     recovery_checkpoint_minutes: float = Field(30.0, ge=0)
+    #: preemption by priority: a queued job that waits for GPUs held by running jobs of lower priority
+    #: pauses as many of them as it needs (each checkpoints, frees its GPUs and goes back to the queue to
+    #: resume when GPUs free up)
+    preempt: bool = False
+    #: a job runs at least this long after each start before it can be preempted (seconds), so that no
+    #: job is preempted over and over without progress
+    preempt_min_run_s: float = Field(600.0, ge=0)
     #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication

@@ -64,8 +64,9 @@ class JobRunner:
         none that can start here now is sent again after ``requeue_delay_s`` (when ``poll``) as long as
         the job it was sent for is queued, so every queued job keeps a message that polls for it, and
         messages do not multiply; a job that ends also sends immediate wake-ups that are not re-sent.
-        Returns the final status of the job that ran, "waiting" when queued jobs wait for GPUs, or
-        "skipped" when the queue is empty.
+        Returns the final status of the job that ran ("preempted" when it paused for a job of higher
+        priority and is queued again), "waiting" when queued jobs wait for GPUs, or "skipped" when the
+        queue is empty.
         """
         worker = f"{self.settings.worker_name}:{os.getpid()}"
         kind, total, device_bytes = self.settings.device_inventory()
@@ -73,7 +74,9 @@ class JobRunner:
         try:
             started = scheduler.start_next(self.db, self.settings.worker_name, node_size, worker,
                                            self.settings.backfill_limit,
-                                           device_bytes=device_bytes if kind == "cuda" else None)
+                                           device_bytes=device_bytes if kind == "cuda" else None,
+                                           preempt_min_run_s=(self.settings.preempt_min_run_s
+                                                              if self.settings.preempt else None))
         except Exception:  # the database failed us: keep the wake-up alive, and let Celery log the error
             if poll:
                 self._send(job_id, countdown=max(self.settings.requeue_delay_s, 1.0), poll=True)
@@ -124,10 +127,13 @@ class JobRunner:
                     events.add_event(session, job_id, f"the metrics file and the final checkpoint could not be "
                                                       f"recorded ({type(e).__name__}); the model is kept", "warning")
         with self.db.session() as session:
-            lifecycle.finish_job(session, job_id, outcome, attempt)
+            ended = lifecycle.finish_job(session, job_id, outcome, attempt)
             waiting = len(lifecycle.queued_job_ids(session))
         for _ in range(min(waiting, len(devices) if devices is not None else 1)):
             self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
+        if ended is JobStatus.QUEUED:  # preempted: queued again, it keeps a message that polls for it
+            self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
+            return "preempted"
         return outcome.status.value
 
     def _queued(self, job_id: str) -> bool:

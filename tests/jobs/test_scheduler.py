@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -14,7 +15,7 @@ from jobs import leases, scheduler
 from jobs.db import database
 from jobs.migrate import upgrade
 from jobs.models import GpuLease, Job, JobEvent
-from jobs.scheduler import Waiting, choose
+from jobs.scheduler import Running, Waiting, choose, preemption_victims
 from jobs.states import JobStatus
 from tests.conftest import seed_jobs
 
@@ -56,6 +57,33 @@ def test_a_job_predicted_larger_than_this_nodes_gpus_is_left_to_nodes_with_large
 
 def test_a_cpu_node_takes_the_queue_in_order():
     assert choose([Waiting("a", 2), Waiting("b", 1)], free=None, node_size=None, backfill_limit=0).job_id == "a"
+
+
+def test_preemption_takes_the_fewest_lower_priority_jobs_that_ran_long_enough():
+    now = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+
+    def ran(minutes: float) -> datetime:
+        return now - timedelta(minutes=minutes)
+
+    running = [Running("p1-old", 1, 1, ran(60)), Running("p0-old", 0, 1, ran(60)), Running("p0-new", 0, 2, ran(15)),
+               Running("p0-fresh", 0, 4, ran(1)), Running("p5", 5, 2, ran(60))]
+    high = Waiting("high", 2, priority=5)
+    # lowest priority first, then the most recently started (of those that ran 10 minutes): p0-new frees 2
+    assert preemption_victims(high, 0, running, now, min_run_s=600) == ["p0-new"]
+    assert preemption_victims(Waiting("high", 4, priority=5), 0, running, now, 600) == ["p0-new", "p0-old", "p1-old"]
+    # too few GPUs even with every eligible job (p0-fresh is protected, p5 is not of lower priority): none
+    assert preemption_victims(Waiting("high", 5, priority=5), 0, running, now, 600) == []
+    assert preemption_victims(Waiting("high", 5, priority=5), 0, running, now, 0) == ["p0-fresh", "p0-new"]
+    assert preemption_victims(Waiting("eq", 1, priority=1), 0, running, now, 600) == ["p0-new"]
+    assert preemption_victims(Waiting("low", 1, priority=0), 0, running, now, 600) == []  # none below it
+    assert preemption_victims(high, 2, running, now, 600) == []  # it fits the free GPUs: nothing to preempt
+
+
+def test_no_backfill_takes_the_gpus_freed_for_a_preempting_job():
+    queue = [Waiting("high", 2, priority=5), Waiting("small", 1)]
+    assert choose(queue, free=1, node_size=2, backfill_limit=4).job_id == "small"
+    held = choose(queue, free=1, node_size=2, backfill_limit=4, reserved=frozenset({"high"}))
+    assert held.job_id is None and held.held_for == "high"
 
 
 # ------------------------------------------------------------------------------------------ on a database
@@ -159,3 +187,50 @@ def test_a_waiting_job_says_so_once_and_a_backfilled_one_says_ahead_of_what(data
     assert any(m.startswith("started ahead of " + big) for m in ahead)
     with db.session() as s:
         assert s.get(Job, other).status == JobStatus.QUEUED.value  # behind big, it waits its turn
+
+
+def test_a_waiting_job_of_higher_priority_preempts_once_and_the_preempted_one_requeues(database_url):
+    from jobs import lifecycle
+
+    upgrade(database_url)
+    db = database(database_url)
+    low, other = queue_jobs(db, [(1, 0), (1, 1)])
+    # low and other run on the 2 GPUs; high, submitted then, waits for both
+    started = [scheduler.start_next(db, "node-a", 2, "w", 4) for _ in range(2)]
+    assert {s.job_id for s in started} == {low, other}
+    high = "job-high"
+    with db.session() as s:
+        s.add(Job(id=high, owner_id="ann", model="m", training_file_id="f", method="lomo", gpus=2, priority=5,
+                  status=JobStatus.QUEUED.value))
+    assert scheduler.start_next(db, "node-a", 2, "w", 4) is None
+    with db.session() as s:
+        assert s.get(Job, low).status == s.get(Job, other).status == JobStatus.RUNNING.value  # preemption is off
+
+    # on, with a minimum run time not reached yet: nothing is preempted
+    assert scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=3600) is None
+    with db.session() as s:
+        assert s.get(Job, low).status == JobStatus.RUNNING.value
+    assert scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=0) is None
+    with db.session() as s:
+        assert [(s.get(Job, j).status, s.get(Job, j).preempted_by) for j in (low, other)] == [
+            (JobStatus.PAUSING.value, high), (JobStatus.PAUSING.value, high)]
+        said = [e.message for e in s.query(JobEvent).filter_by(job_id=low)]
+    assert any(m.startswith(f"preempted by {high} (priority 5 over 0)") for m in said)
+    assert scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=0) is None  # under way: no more
+
+    # low pauses: back in the queue, not paused; its GPU is held for high (no backfill by low itself)
+    with db.session() as s:
+        assert lifecycle.finish_job(s, low, lifecycle.Outcome(JobStatus.PAUSED)) is JobStatus.QUEUED
+        leases.release(s, low)
+        row = s.get(Job, low)
+        assert (row.status, row.preempted_by, row.preemptions, row.claimed_by) == (JobStatus.QUEUED.value, None, 1,
+                                                                                 None)
+    assert scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=0) is None
+    with db.session() as s:  # other was asked to pause by hand meanwhile: it ends paused, not queued
+        assert lifecycle.pause_job(s, "ann", other).preempted_by is None
+        assert lifecycle.finish_job(s, other, lifecycle.Outcome(JobStatus.PAUSED)) is JobStatus.PAUSED
+        leases.release(s, other)
+    first = scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=0)
+    assert (first.job_id, first.devices) == (high, [0, 1])
+    finish(db, high)
+    assert scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=0).job_id == low

@@ -394,14 +394,35 @@ def test_a_resume_never_uses_a_checkpoint_whose_write_was_cut_short(tmp_path):
     assert _latest_complete_checkpoint(tmp_path) == root / "step-000010"
 
 
-def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, tmp_path):
+_UNINTERRUPTED: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def uninterrupted_weights(settings, db, hyper) -> dict[str, torch.Tensor]:
+    """The final weights of a job of ``hyper`` on stories260K run start to end, once per module (the
+    run is deterministic: tests that stop and resume a job of the same ``hyper`` compare with one run)."""
+    from safetensors.torch import load_file
+
+    key = json.dumps(hyper, sort_keys=True)
+    if key not in _UNINTERRUPTED:
+        straight = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
+        assert JobRunner(settings, db).run(straight, poll=False) == "succeeded"
+        _UNINTERRUPTED[key] = load_file(str(settings.data_dir / "jobs" / straight / "model" / "model.safetensors"))
+    return _UNINTERRUPTED[key]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, tmp_path, ranks):
     from safetensors.torch import load_file
 
     from jobs import leases
 
     settings, db = env
-    settings = settings.model_copy(update={"gpu_memory_gib": [24.0], "requeue_delay_s": 60})
-    hyper = {"max_steps": 120, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3}  # long enough to pause mid-run
+    settings = settings.model_copy(update={"gpu_memory_gib": [24.0] * ranks, "requeue_delay_s": 60})
+    # long enough to pause mid-run; on 2 ranks, both checkpoint their partitions together and stop
+    steps = 120 if ranks == 1 else 40  # a step on 2 ranks is slower: the pause still lands mid-run
+    hyper = {"max_steps": steps, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3}
+    if ranks > 1:
+        hyper["gpus"] = ranks
     paused_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(paused_id, poll=False)))
@@ -415,24 +436,69 @@ def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, t
     thread.join(timeout=120)
     assert outcome == ["paused"]
     job = job_row(db, paused_id)
-    assert job.status == "paused" and 3 <= job.step < 120
+    assert job.status == "paused" and 3 <= job.step < steps
     with db.session() as s:
-        assert leases.leased_devices(s, settings.worker_name) == {}  # its GPU is free while it is paused
+        assert leases.leased_devices(s, settings.worker_name) == {}  # its GPUs are free while it is paused
         assert lifecycle.pause_job(s, "ann", paused_id).status == "paused"  # asked again: nothing changes
     with db.session() as s:
         assert lifecycle.resume_job(s, "ann", paused_id).status == "queued"
     assert JobRunner(settings, db).run(paused_id, poll=False) == "succeeded"
     job = job_row(db, paused_id)
-    assert (job.status, job.attempt, job.step) == ("succeeded", 2, 120)
+    assert (job.status, job.attempt, job.step) == ("succeeded", 2, steps)
     with pytest.raises(errors.Conflict), db.session() as s:
         lifecycle.pause_job(s, "ann", paused_id)  # an ended job cannot pause
     with db.session() as s:
-        steps = [p.step for p in s.query(MetricPoint).filter_by(job_id=paused_id, kind="train")
-                 .order_by(MetricPoint.step)]
-    assert steps == list(range(1, 121))
+        logged = [p.step for p in s.query(MetricPoint).filter_by(job_id=paused_id, kind="train")
+                  .order_by(MetricPoint.step)]
+    assert logged == list(range(1, steps + 1))
 
-    straight = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
-    assert JobRunner(settings, db).run(straight, poll=False) == "succeeded"
     a = load_file(str(settings.data_dir / "jobs" / paused_id / "model" / "model.safetensors"))
-    b = load_file(str(settings.data_dir / "jobs" / straight / "model" / "model.safetensors"))
+    b = uninterrupted_weights(settings, db, hyper)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_job_of_higher_priority_preempts_a_lower_one_which_resumes_to_the_same_weights(env):
+    from safetensors.torch import load_file
+
+    from jobs import leases
+    from jobs.models import JobEvent
+
+    settings, db = env
+    settings = settings.model_copy(update={"gpu_memory_gib": [24.0], "requeue_delay_s": 60, "preempt": True,
+                                           "preempt_min_run_s": 0})
+    hyper = {"max_steps": 120, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3}
+    low = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(low, poll=False)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while job_row(db, low).step < 3:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    high = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), priority=5, max_steps=4,
+                  batch_size=4, max_seq_len=64, lr=5e-3)
+    # the node's only GPU is low's: the high job's wake-up preempts it, and waits for the GPU
+    assert JobRunner(settings, db).run(high, poll=False) == "waiting"
+    thread.join(timeout=120)
+    assert outcome == ["preempted"]
+    row = job_row(db, low)
+    assert (row.status, row.preemptions, row.preempted_by) == ("queued", 1, None) and 3 <= row.step < 120
+    with db.session() as s:
+        assert leases.leased_devices(s, settings.worker_name) == {}
+    # a wake-up for low starts high: the queue's order, priority first
+    assert JobRunner(settings, db).run(low, poll=False) == "succeeded"
+    assert (job_row(db, high).status, job_row(db, low).status) == ("succeeded", "queued")
+    assert JobRunner(settings, db).run(low, poll=False) == "succeeded"
+    row = job_row(db, low)
+    assert (row.status, row.attempt, row.step) == ("succeeded", 2, 120)
+    with db.session() as s:
+        said = [e.message for e in s.query(JobEvent).filter_by(job_id=low).order_by(JobEvent.id)]
+        logged = [p.step for p in s.query(MetricPoint).filter_by(job_id=low, kind="train").order_by(MetricPoint.step)]
+    assert any(m.startswith(f"preempted by {high} (priority 5 over 0)") for m in said)
+    assert any(m.startswith(f"preempted by {high}: back in the queue") for m in said)
+    assert any(m.startswith("resuming from the checkpoint at step") for m in said)
+    assert logged == list(range(1, 121))
+
+    a = load_file(str(settings.data_dir / "jobs" / low / "model" / "model.safetensors"))
+    b = uninterrupted_weights(settings, db, hyper)  # as when run alone
     assert all(torch.equal(a[k], b[k]) for k in a)

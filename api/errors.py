@@ -2,8 +2,9 @@
 "param", "details"}}`` (OpenAI's, with ``details`` listing every problem and its field or line).
 
 422 for input that is wrong (the field or the line named), 404 for unknown ids, 409 for a request that
-conflicts with a job's state, 413 for an upload over the limit. Anything a client sends gets one of
-these, not a 500; a 500 is a bug of ours and says only its exception's type.
+conflicts with a job's state, 413 for an upload over the limit, 503 (with Retry-After) while the database
+cannot be reached. Anything a client sends gets one of these, not a 500; a 500 is a bug of ours and says
+only its exception's type.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorResponse
 from jobs import errors
+from jobs.db import UNREACHABLE
 
 log = logging.getLogger("lomo.api")
 
@@ -72,6 +74,16 @@ async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), code)
 
 
+async def _unreachable(_request: Request, exc: Exception) -> JSONResponse:
+    # A database restart or a lost connection: the client (the openai SDK included) tries again after a
+    # moment; a job created with an Idempotency-Key is created once however often it is sent.
+    log.warning("the database cannot be reached: %s", type(exc).__name__)
+    response = error_response(503, "the service's database cannot be reached right now; try again in a few "
+                                   "seconds", "database_unavailable", kind="server_error")
+    response.headers["retry-after"] = "2"
+    return response
+
+
 async def _internal(_request: Request, exc: Exception) -> JSONResponse:  # a bug of ours, never client input
     log.exception("unhandled error")
     return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details",
@@ -84,4 +96,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.NotFound, _not_found)
     app.add_exception_handler(errors.Conflict, _conflict)
     app.add_exception_handler(StarletteHTTPException, _http)
+    for unreachable in UNREACHABLE:
+        app.add_exception_handler(unreachable, _unreachable)
     app.add_exception_handler(Exception, _internal)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+T = TypeVar("T")
+log = logging.getLogger("lomo.db")
+#: what a database that cannot be reached for now raises (a restart, a lost connection, SQLite locked)
+UNREACHABLE = (OperationalError, InterfaceError)
 
-def make_engine(url: str) -> Engine:
+
+def make_engine(url: str, idle_transaction_timeout_s: float | None = None) -> Engine:
+    """The engine of ``url``. With ``idle_transaction_timeout_s`` (Postgres), the server ends a session
+    whose transaction has waited that long for its client: a worker frozen or cut off in the middle of a
+    write then holds no lock on a job's row, and the job can be recovered."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -26,7 +38,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    options = {}
+    if idle_transaction_timeout_s:
+        options["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_timeout_s * 1000)}"
+    return create_engine(url, pool_pre_ping=True, connect_args=options)
 
 
 @contextmanager
@@ -46,33 +61,57 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 class Database:
     """An engine and its session factory for one URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, idle_transaction_timeout_s: float | None = None) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, idle_transaction_timeout_s)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self):  # -> context manager of a Session in a transaction
         return session_scope(self.sessions)
 
 
-_databases: dict[tuple[str, int], Database] = {}
+_databases: dict[tuple[str, int, float | None], Database] = {}
 
 
-def database(url: str) -> Database:
-    """One Database per URL and process (a forked worker child must not reuse its parent's connections)."""
-    key = (url, os.getpid())
+def database(url: str, idle_transaction_timeout_s: float | None = None) -> Database:
+    """One Database per URL (and idle-transaction timeout, see ``make_engine``) and process (a forked
+    worker child must not reuse its parent's connections)."""
+    key = (url, os.getpid(), idle_transaction_timeout_s)
     if key not in _databases:
-        _databases[key] = Database(url)
+        _databases[key] = Database(url, idle_transaction_timeout_s)
     return _databases[key]
 
 
 def close_database(url: str) -> None:
-    """Dispose of this process's engine for ``url`` (tests do this before dropping a database)."""
-    db = _databases.pop((url, os.getpid()), None)
-    if db is not None:
-        db.engine.dispose()
+    """Dispose of this process's engines for ``url`` (tests do this before dropping a database)."""
+    for key in [k for k in _databases if k[:2] == (url, os.getpid())]:
+        _databases.pop(key).engine.dispose()
 
 
 def ping(session: Session) -> None:
     """Raise when the database cannot answer."""
     session.execute(text("SELECT 1"))
+
+
+def retrying(action: Callable[[], T], what: str, give_up_after_s: float, first_wait_s: float = 0.5,
+             longest_wait_s: float = 5.0) -> T:
+    """``action()``, tried again with a growing wait (``first_wait_s`` doubling up to ``longest_wait_s``)
+    while the database cannot be reached, for up to ``give_up_after_s``; then its last error is raised.
+    ``action`` must be a whole transaction (a failed one was rolled back, so trying it again is safe)."""
+    started, wait, failures = time.monotonic(), first_wait_s, 0
+    while True:
+        try:
+            result = action()
+        except UNREACHABLE as error:
+            failures += 1
+            if time.monotonic() - started + wait > give_up_after_s:
+                raise
+            if failures == 1:
+                log.warning("%s: the database cannot be reached (%s); trying again for up to %.0f s", what,
+                            type(error).__name__, give_up_after_s)
+            time.sleep(wait)
+            wait = min(wait * 2, longest_wait_s)
+            continue
+        if failures:
+            log.warning("%s: done after the database came back (%d tries)", what, failures + 1)
+        return result

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs import idempotency
@@ -138,6 +138,13 @@ def queued_job_ids(session: Session) -> list[str]:
     """The queue in the order jobs start: higher priority first, first come first within a priority."""
     return list(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value)
                                 .order_by(Job.priority.desc(), Job.created_at, Job.id)))
+
+
+def running_on_worker(session: Session, worker_name: str) -> int:
+    """How many jobs the worker processes of ``worker_name`` run now (claimed as ``<name>:<pid>``)."""
+    return session.scalar(select(func.count(Job.id)).where(
+        Job.status.in_([JobStatus.RUNNING.value, JobStatus.PAUSING.value]),
+        Job.claimed_by.startswith(f"{worker_name}:", autoescape=True))) or 0
 
 
 @dataclass

@@ -35,6 +35,10 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,  # results live in the jobs table
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a broker that is away is waited for, however long
+        # A lost broker connection must not stop a training job: its state is in the database, and its
+        # message, if the broker gives it again, finds it claimed already (the claim is conditional).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -49,8 +53,9 @@ def _producer(settings_json: str) -> Celery:
 def enqueue(settings: Settings, job_id: str, countdown: float | None = None, poll: bool = True) -> None:
     """Send ``run_job(job_id)`` (after ``countdown`` seconds): a wake-up for the workers, which start the
     first job of the queue they can. ``poll=False`` sends one that is not re-sent when nothing can
-    start. Raises when the broker cannot be reached (the job stays queued in the database, and every
-    starting worker sends a wake-up per slot while jobs are queued)."""
+    start. Raises when the broker cannot be reached (the job stays queued in the database: every
+    starting worker sends a wake-up per slot while jobs are queued, and running workers one per free
+    GPU or slot every few seconds, ``worker.app.watch_the_queue``)."""
     app = _producer(settings.model_dump_json())
     app.send_task(RUN_JOB, args=[job_id], kwargs={} if poll else {"poll": False}, queue=settings.queue,
                   countdown=countdown, retry=True,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from jobs import leases
-from jobs.db import Database
+from jobs.db import UNREACHABLE, Database
 from jobs.events import add_event
 from jobs.models import Job, aware, utcnow
 from jobs.settings import Settings
@@ -46,33 +46,48 @@ def recover_lost(db: Database, settings: Settings, now: datetime | None = None) 
     requeued = []
     for job_id, status, attempt, recoveries, worker, heartbeat, cancel, preempted_by in stale:
         silent = (now - aware(heartbeat)).total_seconds()
-        with db.session() as session:
-            seen = (Job.id == job_id, Job.status == status, Job.attempt == attempt, Job.heartbeat_at == heartbeat)
-            lost = f"worker {worker} lost: no heartbeat for {silent:.0f} s (attempt {attempt})"
-            if cancel:
-                values = {**transition_values(status, JobStatus.CANCELLED, now), "estimated_finish": None}
-                message, level = f"{lost}; its cancellation was asked, so the job ends cancelled", "warning"
-            elif status == JobStatus.PAUSING.value and not preempted_by:  # paused it is, at its latest checkpoint
-                values = {**transition_values(status, JobStatus.PAUSED, now), "claimed_by": None,
-                          "estimated_finish": None}
-                message, level = f"{lost} while pausing; paused at its latest checkpoint", "warning"
-            elif recoveries >= settings.max_recoveries:
-                values = {**transition_values(status, JobStatus.FAILED, now), "estimated_finish": None,
-                          "error_code": "worker_lost",
-                          "error_message": f"the job lost its worker {recoveries + 1} times (the last: {worker}); "
-                                           f"after {settings.max_recoveries} recoveries (LOMO_MAX_RECOVERIES) it is "
-                                           "not retried again"}
-                message, level = f"{lost}; no recovery left: the job fails", "error"
-            else:
-                values = {**transition_values(status, JobStatus.QUEUED, now), "claimed_by": None,
-                          "estimated_finish": None, "recoveries": Job.recoveries + 1, "preempted_by": None}
-                message, level = (f"{lost}; back in the queue, to resume from its latest checkpoint (recovery "
-                                  f"{recoveries + 1} of at most {settings.max_recoveries})"), "warning"
-            if session.execute(update(Job).where(*seen).values(**values)).rowcount != 1:
-                continue  # it wrote a heartbeat, ended, or another worker recovered it meanwhile
-            leases.release(session, job_id)  # every attempt's: the lost one holds them no more
-            add_event(session, job_id, message, level)
-            log.warning("job %s: %s", job_id, message)
-            if values["status"] == JobStatus.QUEUED.value:
-                requeued.append(job_id)
+        try:
+            recovered = _recover_one(db, settings, now, job_id, status, attempt, recoveries, worker, heartbeat,
+                                     cancel, preempted_by, silent)
+        except UNREACHABLE as error:  # its row is locked (a frozen worker mid-write): the next round tries again
+            log.warning("job %s: not recovered this round: %s", job_id, type(error).__name__)
+            continue
+        if recovered:
+            requeued.append(job_id)
     return requeued
+
+
+def _recover_one(db: Database, settings: Settings, now: datetime, job_id: str, status: str, attempt: int,
+                 recoveries: int, worker: str | None, heartbeat: datetime, cancel: bool, preempted_by: str | None,
+                 silent: float) -> bool:
+    """One lost job back in the queue (True), or ended; False when it changed meanwhile."""
+    with db.session() as session:
+        if session.bind.dialect.name == "postgresql":  # a row locked by a stuck writer is not waited for
+            session.execute(text("SET LOCAL lock_timeout = '2s'"))
+        seen = (Job.id == job_id, Job.status == status, Job.attempt == attempt, Job.heartbeat_at == heartbeat)
+        lost = f"worker {worker} lost: no heartbeat for {silent:.0f} s (attempt {attempt})"
+        if cancel:
+            values = {**transition_values(status, JobStatus.CANCELLED, now), "estimated_finish": None}
+            message, level = f"{lost}; its cancellation was asked, so the job ends cancelled", "warning"
+        elif status == JobStatus.PAUSING.value and not preempted_by:  # paused it is, at its latest checkpoint
+            values = {**transition_values(status, JobStatus.PAUSED, now), "claimed_by": None,
+                      "estimated_finish": None}
+            message, level = f"{lost} while pausing; paused at its latest checkpoint", "warning"
+        elif recoveries >= settings.max_recoveries:
+            values = {**transition_values(status, JobStatus.FAILED, now), "estimated_finish": None,
+                      "error_code": "worker_lost",
+                      "error_message": f"the job lost its worker {recoveries + 1} times (the last: {worker}); "
+                                       f"after {settings.max_recoveries} recoveries (LOMO_MAX_RECOVERIES) it is "
+                                       "not retried again"}
+            message, level = f"{lost}; no recovery left: the job fails", "error"
+        else:
+            values = {**transition_values(status, JobStatus.QUEUED, now), "claimed_by": None,
+                      "estimated_finish": None, "recoveries": Job.recoveries + 1, "preempted_by": None}
+            message, level = (f"{lost}; back in the queue, to resume from its latest checkpoint (recovery "
+                              f"{recoveries + 1} of at most {settings.max_recoveries})"), "warning"
+        if session.execute(update(Job).where(*seen).values(**values)).rowcount != 1:
+            return False  # it wrote a heartbeat, ended, or another worker recovered it meanwhile
+        leases.release(session, job_id)  # every attempt's: the lost one holds them no more
+        add_event(session, job_id, message, level)
+        log.warning("job %s: %s", job_id, message)
+        return values["status"] == JobStatus.QUEUED.value

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     #: jobs without save_every checkpoint this often (minutes of training), so a lost worker costs at most
     #: that much (0: only at the end of each epoch)
     recovery_checkpoint_minutes: float = Field(30.0, ge=0)
+    #: while the database cannot be reached (a restart, a network cut), a worker keeps a running job's
+    #: records and writes them when it is back, for up to this long (seconds); past it the job is stopped
+    #: and left to recovery (its heartbeat is old by then: any worker resumes it from its checkpoint)
+    db_outage_s: float = Field(300.0, gt=0)
     #: preemption by priority: a queued job that waits for GPUs held by running jobs of lower priority
     #: pauses as many of them as it needs (each checkpoints, frees its GPUs and goes back to the queue to
     #: resume when GPUs free up)
@@ -73,6 +77,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'lomo.db').resolve()}"
+
+    def worker_database(self):  # -> jobs.db.Database
+        """The database as a worker uses it: a transaction left waiting for longer than half the heartbeat
+        timeout (at least 5 s) by a worker that froze or was cut off mid-write is ended by the server, so
+        its lock on a job's row cannot keep the job from being recovered."""
+        from jobs.db import database
+
+        return database(self.resolved_database_url(), max(self.heartbeat_timeout_s / 2, 5.0))
 
     def resolved_broker_url(self) -> str:
         if self.broker_url:

@@ -51,7 +51,7 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
     for kind, step, payload in records:
         if kind == "start":
             job.total_steps = payload.get("total_steps")
-            if step > 0:  # resumed from a checkpoint: what an earlier attempt did after it is done again
+            if step > 0 or job.attempt > 1:  # what an earlier attempt did after this start is done again
                 _rewind(session, job, step)
             message = (f"training started at step {payload.get('step', 0)} of {payload.get('total_steps')}: "
                        f"{payload.get('rows')} rows ({payload.get('format')}), {payload.get('truncated', 0)} "
@@ -122,9 +122,13 @@ def pause_requested(session: Session, job_id: str) -> bool:
 
 def _rewind(session: Session, job: Job, step: int) -> None:
     """Forget the points an earlier attempt wrote after ``step`` (the checkpoint this attempt resumes
-    from), and take the trained tokens back to what they were there."""
-    session.execute(delete(MetricPoint).where(MetricPoint.job_id == job.id, MetricPoint.step > step))
+    from; at step 0, a start from scratch, all of them, the base model's validation point too, which the
+    new attempt writes again), and take the trained tokens back to what they were there."""
+    after = MetricPoint.step > step if step > 0 else MetricPoint.step >= 0
+    session.execute(delete(MetricPoint).where(MetricPoint.job_id == job.id, after))
     session.execute(delete(MemorySample).where(MemorySample.job_id == job.id, MemorySample.step > step))
+    if step == 0:
+        job.trained_tokens = 0
     row = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
                           .order_by(Checkpoint.id.desc())).first()
     if row is not None and row.metrics and row.metrics.get("trained_tokens") is not None:

@@ -4,7 +4,10 @@ One task, ``lomo.run_job(job_id)``. Messages are acknowledged only when the job 
 (``acks_late``) and a worker takes one at a time (prefetch 1); a duplicated or re-delivered message
 is harmless because the job is claimed with one conditional UPDATE. When a worker starts it applies
 the migrations and sends a wake-up per slot while jobs are queued, so a job whose message was lost
-still runs, and restarting workers does not multiply messages.
+still runs, and restarting workers does not multiply messages. While it runs, it looks at the database
+every few seconds (``watch_the_queue``): jobs whose worker was lost are recovered, and free GPUs with
+jobs queued get a wake-up each, so a broker that lost its messages (restarted without persistence)
+needs no worker restart either.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import logging
 import threading
 
 from celery.signals import worker_init, worker_ready
+from kombu.exceptions import KombuError
 from sqlalchemy.exc import IntegrityError
 
 from jobs import leases, lifecycle, nodes
-from jobs.db import database
+from jobs.db import UNREACHABLE
 from jobs.queue import RUN_JOB, enqueue, make_celery
 from jobs.recovery import recover_lost
 from jobs.settings import Settings, get_settings
@@ -60,22 +64,48 @@ def _migrate(**_kwargs) -> None:
 
 @worker_ready.connect
 def _at_start(sender=None, **_kwargs) -> None:
-    start_node(settings, getattr(getattr(sender, "controller", None), "concurrency", None))
-    threading.Thread(target=watch_for_lost_jobs, args=(settings,), name="lomo-recovery", daemon=True).start()
+    slots = getattr(getattr(sender, "controller", None), "concurrency", None)
+    start_node(settings, slots)
+    threading.Thread(target=watch_the_queue, args=(settings, slots), name="lomo-watch", daemon=True).start()
 
 
-def watch_for_lost_jobs(settings: Settings, stop: threading.Event | None = None) -> None:
-    """In every worker: every quarter of ``heartbeat_timeout_s`` (at most 30 s), put the running jobs whose
-    worker was lost back in the queue (``jobs.recovery``) and wake the workers for them."""
+def watch_the_queue(settings: Settings, slots: int | None = None, stop: threading.Event | None = None) -> None:
+    """In every worker, every quarter of ``heartbeat_timeout_s`` (at most 30 s): put the running jobs whose
+    worker was lost back in the queue (``jobs.recovery``) and wake the workers for them; and while this
+    node has free GPUs (free slots on a CPU node) and jobs are queued, send a wake-up per free one
+    (``wake_idle``), so that jobs whose messages the broker lost (a restart of Redis without persistence,
+    a job submitted while it was down) start without a worker restart."""
     stop = stop or threading.Event()
-    db = database(settings.resolved_database_url())
+    db = settings.worker_database()
     interval = max(0.2, min(settings.heartbeat_timeout_s / 4, 30.0))
     while not stop.wait(interval):
         try:
             for job_id in recover_lost(db, settings):
                 enqueue(settings, job_id)
-        except Exception:  # the database or the broker is away for now: look again at the next round
-            log.exception("looking for jobs whose worker was lost failed; trying again in %.0f s", interval)
+            wake_idle(settings, db, slots or startup_wake_ups(settings))
+        except (*UNREACHABLE, KombuError, OSError) as error:  # the database or the broker is away for now
+            log.warning("looking at the queue failed (%s: %s); trying again in %.0f s", type(error).__name__,
+                        error, interval)
+        except Exception:  # a bug of ours: logged whole, and the watch goes on
+            log.exception("looking at the queue failed; trying again in %.0f s", interval)
+
+
+def wake_idle(settings: Settings, db, slots: int) -> int:
+    """Send one wake-up (not re-sent: they do not multiply) per free GPU of this node, or per free slot
+    of this worker on a CPU node, up to the number of queued jobs; returns how many were sent."""
+    with db.session() as session:
+        queued = lifecycle.queued_job_ids(session)
+        if not queued:
+            return 0
+        kind, total, _ = settings.device_inventory()
+        if kind == "cuda":
+            free = total - len(leases.leased_devices(session, settings.worker_name))
+        else:
+            free = slots - lifecycle.running_on_worker(session, settings.worker_name)
+    wake = queued[:max(free, 0)]
+    for job_id in wake:
+        enqueue(settings, job_id, poll=False)
+    return len(wake)
 
 
 def start_node(settings: Settings, slots: int | None = None) -> None:
@@ -85,7 +115,7 @@ def start_node(settings: Settings, slots: int | None = None) -> None:
     A message is a wake-up and the queue decides what runs, so a starting worker needs only enough of
     them to fill its own slots (one per GPU): jobs whose messages were lost (submitted while the broker
     was down) start in queue order, and restarts do not multiply the messages in the broker."""
-    db = database(settings.resolved_database_url())
+    db = settings.worker_database()
     try:
         with db.session() as session:
             nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib)

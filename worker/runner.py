@@ -7,6 +7,8 @@ touches the database itself. The last line says how the run ended: ``done``, ``c
 
 SIGTERM asks it to stop: it stops after the step in progress (the worker kills it if it does not).
 SIGUSR1 asks it to pause: after the step in progress it saves a checkpoint and ends with ``paused``.
+With ``--attempt N`` it stops at once (its process group killed) when the job's folder names another
+attempt in ``.attempt``: the job was recovered elsewhere.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ class PipeSink:
         self.pause_requested = False
 
     def emit(self, kind: str, step: int, payload: dict[str, Any]) -> None:
-        self._out.write(json.dumps({"kind": kind, "step": step, "payload": payload}, default=str) + "\n")
+        try:
+            self._out.write(json.dumps({"kind": kind, "step": step, "payload": payload}, default=str) + "\n")
+        except OSError:  # the pipe broke: no worker reads our records any more; stop everything (ranks too)
+            print("the worker's end of the report pipe is gone: stopping", file=sys.stderr, flush=True)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
 
     def write(self, kind: str, step: int, payload: dict[str, Any]) -> None:
         self.emit(kind, step, payload)
@@ -231,6 +237,28 @@ def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, co
                                "level": "warning"})
 
 
+def _watch_the_fence(attempt_file: Path, attempt: int, interval_s: float = 0.5) -> None:
+    """Kill this process group (the ranks too) as soon as the job's folder names another attempt than
+    ``attempt``: the job was recovered elsewhere, and this attempt must write nothing more (its database
+    writes are fenced by the worker; this stops its writes to the folder: checkpoints, the model)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            try:
+                owner = attempt_file.read_text().strip()
+            except OSError:
+                owner = str(attempt)
+            if owner and owner != str(attempt):
+                print(f"attempt {attempt} stops: attempt {owner} of this job runs elsewhere", file=sys.stderr,
+                      flush=True)
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="lomo-fence", daemon=True).start()
+
+
 def _term_when_parent_dies() -> None:
     """SIGTERM to this process when its parent (the worker) dies, however it dies (Linux' PR_SET_PDEATHSIG)."""
     import contextlib
@@ -245,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="JSON file of TrainConfig values")
     parser.add_argument("--fd", type=int, required=True, help="file descriptor to report on")
     parser.add_argument("--parent", type=int, help="pid of the worker: when it is gone, everything stops at once")
+    parser.add_argument("--attempt", type=int, help="the job's attempt: it stops when the job's folder names "
+                                                    "another (in .attempt)")
     args = parser.parse_args(argv)
     sink = PipeSink(args.fd)
 
@@ -264,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     _term_when_parent_dies()
     if orphaned():  # the worker died before the parent-death signal was asked for
         os.killpg(os.getpgrp(), signal.SIGKILL)
+    if args.attempt is not None:
+        _watch_the_fence(Path(args.config).with_name(".attempt"), args.attempt)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:

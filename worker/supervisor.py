@@ -24,13 +24,15 @@ from typing import Any
 
 from jobs import admission, catalog, events, files, leases, lifecycle, scheduler, telemetry
 from jobs import devices as devices_mod
-from jobs.db import Database, database
+from jobs.db import UNREACHABLE, Database, retrying
 from jobs.models import File, Job
 from jobs.settings import Settings
 from jobs.states import JobStatus
 
 log = logging.getLogger("lomo.worker")
 LOG_FILE = "train.log"
+#: in a job's folder: the attempt that runs it now (``worker.runner`` stops when it is not its own)
+ATTEMPT_FILE = ".attempt"
 
 
 @dataclass
@@ -45,12 +47,13 @@ class ChildReport:
     validation_rows: int = 0
     fenced: bool = False  # the job was recovered elsewhere meanwhile: this attempt was stopped, ends nothing
     pause_sent: bool = False  # the child was asked to checkpoint and stop
+    abandoned: bool = False  # the database stayed away too long: stopped, the job is left to recovery
 
 
 class JobRunner:
     def __init__(self, settings: Settings, db: Database | None = None, command: list[str] | None = None) -> None:
         self.settings = settings
-        self.db = db or database(settings.resolved_database_url())
+        self.db = db or settings.worker_database()
         #: the training process; tests replace it to check supervision with a process that misbehaves
         self.command = command or [sys.executable, "-m", "worker.runner"]
 
@@ -96,45 +99,62 @@ class JobRunner:
             # this message started another job: its own job keeps a poller meanwhile
             self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
         job_id, devices, attempt = started.job_id, started.devices, started.attempt
-        fenced = False
+        fenced = abandoned = False
+        patience = self.settings.db_outage_s  # how long each write below waits for a database that is away
         try:
-            prepared = self._prepare(job_id)
+            prepared = retrying(lambda: self._prepare(job_id), f"job {job_id}: preparing", patience)
             if isinstance(prepared, lifecycle.Outcome):
                 outcome = prepared
             else:
                 config_path, output_dir, names = prepared
                 report = self.supervise(job_id, config_path, output_dir, devices, attempt)
-                fenced = report.fenced
-                outcome = self._outcome(job_id, report, output_dir, names)
+                fenced, abandoned = report.fenced, report.abandoned
+                outcome = (lifecycle.Outcome(JobStatus.FAILED) if fenced or abandoned else
+                           retrying(lambda: self._outcome(job_id, report, output_dir, names), f"job {job_id}",
+                                    patience))
+        except UNREACHABLE:  # away for longer than db_outage_s: the job is not failed, but left to recovery
+            log.exception("job %s: the database stayed unreachable; the job is left to recovery", job_id)
+            abandoned = True
         except Exception as e:  # a bug of ours: the job still ends, with what happened
             log.exception("job %s: the worker failed", job_id)
             outcome = lifecycle.Outcome(JobStatus.FAILED, "internal_error",
                                         f"the worker failed: {type(e).__name__}: {e}")
-        finally:
-            with self.db.session() as session:
-                leases.release(session, job_id, attempt)
+        if abandoned:  # its leases and its end are recovery's, once the database is back
+            return "abandoned"
+        retrying(lambda: self._release(job_id, attempt), f"job {job_id}: releasing its GPUs", patience)
         if fenced:
             log.warning("job %s: attempt %d was recovered elsewhere meanwhile; it was stopped", job_id, attempt)
             return "fenced"
         outcome.error_message = public_text(outcome.error_message)
         if outcome.status is JobStatus.SUCCEEDED:  # the final model as the last checkpoint, the metrics CSV
             try:
-                with self.db.session() as session:
-                    outcome.result_files = telemetry.publish_results(session, self.settings, job_id)
+                outcome.result_files = retrying(lambda: self._publish(job_id), f"job {job_id}: results", patience)
             except Exception as e:  # the job still ends: its model is there, only the extras are missing
                 log.exception("job %s: its results could not be published", job_id)
                 with self.db.session() as session:
                     events.add_event(session, job_id, f"the metrics file and the final checkpoint could not be "
                                                       f"recorded ({type(e).__name__}); the model is kept", "warning")
-        with self.db.session() as session:
-            ended = lifecycle.finish_job(session, job_id, outcome, attempt)
-            waiting = len(lifecycle.queued_job_ids(session))
+        ended, waiting = retrying(lambda: self._finish(job_id, outcome, attempt), f"job {job_id}: its end", patience)
         for _ in range(min(waiting, len(devices) if devices is not None else 1)):
             self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
         if ended is JobStatus.QUEUED:  # preempted: queued again, it keeps a message that polls for it
             self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
             return "preempted"
         return outcome.status.value
+
+    def _release(self, job_id: str, attempt: int) -> None:
+        with self.db.session() as session:
+            leases.release(session, job_id, attempt)
+
+    def _publish(self, job_id: str) -> list[str]:
+        with self.db.session() as session:
+            return telemetry.publish_results(session, self.settings, job_id)
+
+    def _finish(self, job_id: str, outcome: lifecycle.Outcome, attempt: int) -> tuple[JobStatus | None, int]:
+        """End the job; (the status it is left in, how many jobs are queued)."""
+        with self.db.session() as session:
+            ended = lifecycle.finish_job(session, job_id, outcome, attempt)
+            return ended, len(lifecycle.queued_job_ids(session))
 
     def _queued(self, job_id: str) -> bool:
         with self.db.session() as session:
@@ -219,7 +239,10 @@ class JobRunner:
 
         The child dies with this process: it is given this process's pid and asks for a SIGTERM when its
         parent dies, however it dies (``worker.runner``); it then kills its whole process group (its ranks
-        too), since nothing is left to watch it."""
+        too), since nothing is left to watch it. It is fenced on disk too: the job's folder names the
+        attempt that owns it (``.attempt``), and a child that finds another attempt named there (its job
+        was recovered elsewhere while this worker was frozen or cut off) kills its process group within
+        half a second, long before the new attempt's training process has loaded its model."""
         settings = self.settings
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -227,9 +250,13 @@ class JobRunner:
             # lease indices are nvidia-smi's, which number GPUs in PCI bus order; CUDA must read them alike
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             env["CUDA_VISIBLE_DEVICES"] = devices_mod.visible_ids(devices)
+        fence = []
+        if attempt is not None:  # the job's folder names the attempt that owns it: an older one still alive stops
+            (output_dir / ATTEMPT_FILE).write_text(str(attempt))
+            fence = ["--attempt", str(attempt)]
         with (output_dir / LOG_FILE).open("ab") as log_file:
             child = subprocess.Popen(
-                [*self.command, str(config_path), "--fd", str(write_fd), "--parent", str(os.getpid())],
+                [*self.command, str(config_path), "--fd", str(write_fd), "--parent", str(os.getpid()), *fence],
                 pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # its own process group: a kill reaches anything it started
             )
@@ -240,6 +267,7 @@ class JobRunner:
         eof = False
         last_flush = 0.0
         term_sent_at: float | None = None
+        outage: list[float] = []  # while the database cannot be reached: since when, when to try again
         try:
             while not eof:
                 ready, _, _ = select.select([read_fd], [], [], settings.flush_interval_s)
@@ -251,16 +279,30 @@ class JobRunner:
                     for line in lines:
                         self._take(line, pending, report)
                 now = time.monotonic()
-                if eof or now - last_flush >= settings.flush_interval_s:
+                due = now >= outage[1] if outage else now - last_flush >= settings.flush_interval_s
+                if eof or due:
                     try:
-                        with self.db.session() as session:
-                            cancel = telemetry.record_progress(session, job_id, pending, attempt=attempt)
-                            pause = not report.pause_sent and telemetry.pause_requested(session, job_id)
+                        cancel, pause = self._write(job_id, pending, attempt, outage, not report.pause_sent)
                     except telemetry.Fenced:
                         report.fenced = True
                         _signal_group(child, signal.SIGKILL)
                         break
-                    pending, last_flush = [], now
+                    except UNREACHABLE as error:  # keep the records; the training goes on meanwhile
+                        if not outage:
+                            log.warning("job %s: the database cannot be reached (%s); the records are kept and "
+                                        "written when it is back (for up to %.0f s)", job_id, type(error).__name__,
+                                        settings.db_outage_s)
+                            outage[:] = [now, now]
+                        outage[1] = now + min(max(outage[1] - outage[0], settings.flush_interval_s) * 2, 5.0)
+                        if now - outage[0] > settings.db_outage_s:
+                            self._abandon(job_id, child, report, now - outage[0])
+                            break
+                        if eof:  # the run ended meanwhile: what is left is written once the database is back
+                            self._write_when_back(job_id, pending, attempt, outage, report, child)
+                            break
+                        cancel = pause = False
+                    else:
+                        pending, last_flush, outage = [], now, []
                     if pause and not cancel and not report.cancel_requested:
                         report.pause_sent = True
                         log.info("job %s: pause requested, the training process checkpoints and stops", job_id)
@@ -282,6 +324,37 @@ class JobRunner:
                 _signal_group(child, signal.SIGKILL)
                 child.wait()
         return report
+
+    def _write(self, job_id: str, pending: list[tuple[str, int, dict[str, Any]]], attempt: int | None,
+               outage: list[float], check_pause: bool) -> tuple[bool, bool]:
+        """Write the records (one transaction, with the heartbeat); (cancel asked, pause asked)."""
+        if outage:  # the job's events say what happened while the database was away
+            pending = [("event", 0, {"message": f"the database could not be reached for "
+                                                f"{time.monotonic() - outage[0]:.0f} s; the {len(pending)} "
+                                                "records of that time were kept by the worker and written when "
+                                                "it came back", "level": "warning"}), *pending]
+        with self.db.session() as session:
+            cancel = telemetry.record_progress(session, job_id, pending, attempt=attempt)
+            pause = check_pause and telemetry.pause_requested(session, job_id)
+        return cancel, pause
+
+    def _write_when_back(self, job_id: str, pending: list, attempt: int | None, outage: list[float],
+                         report: ChildReport, child: subprocess.Popen) -> None:
+        """The run's last records, once the database is back (within ``db_outage_s`` of the outage's start)."""
+        left = self.settings.db_outage_s - (time.monotonic() - outage[0])
+        try:
+            retrying(lambda: self._write(job_id, pending, attempt, outage, False), f"job {job_id}", max(left, 0.0))
+        except telemetry.Fenced:
+            report.fenced = True
+        except UNREACHABLE:
+            self._abandon(job_id, child, report, time.monotonic() - outage[0])
+
+    def _abandon(self, job_id: str, child: subprocess.Popen, report: ChildReport, silent_s: float) -> None:
+        log.error("job %s: the database has been unreachable for %.0f s (LOMO_DB_OUTAGE_S); the training process "
+                  "is stopped and the job is left to recovery, which resumes it from its latest checkpoint",
+                  job_id, silent_s)
+        report.abandoned = True
+        _signal_group(child, signal.SIGKILL)
 
     @staticmethod
     def _take(line: bytes, pending: list, report: ChildReport) -> None:

@@ -103,14 +103,14 @@ def resume_job(job_id: str, db: DatabaseDep, settings: SettingsDep, caller: Call
 
 def _wake(db, settings, job_id: str) -> None:
     """Send the wake-up of a job just queued; when the broker cannot be reached the job stays queued,
-    and a starting worker sends wake-ups for what is queued."""
+    and the workers wake up for it once the broker is back (``worker.app.watch_the_queue``)."""
     try:
         enqueue(settings, job_id)
     except Exception as e:
         log.warning("could not enqueue %s: %s", job_id, e)
         with db.session() as session:
             events.add_event(session, job_id, f"the broker could not be reached ({type(e).__name__}); the "
-                                              "job stays queued and is sent when a worker starts", "warning")
+                                              "job stays queued; the workers start it once the broker is back", "warning")
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)

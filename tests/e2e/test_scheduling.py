@@ -33,8 +33,9 @@ TINY = {"max_steps": 2, "batch_size": 2, "max_seq_len": 64, "lr": 1e-3}
 LIMIT = 2
 
 
-def training_pids(job_id: str) -> list[int]:
-    """The worker.runner process of a job (its command line names the job's config)."""
+def training_pids(job_id: str, module: bytes = b"worker.runner") -> list[int]:
+    """The worker.runner process of a job (its command line names the job's config); with ``module``
+    ``lomo_core.zero3.launch``, torch.distributed.run and the ranks of a job on several ranks."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -42,7 +43,7 @@ def training_pids(job_id: str) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"worker.runner" in cmdline and any(job_id.encode() in part for part in cmdline):
+            if module in cmdline and any(job_id.encode() in part for part in cmdline):
                 pids.append(int(entry.name))
     return pids
 

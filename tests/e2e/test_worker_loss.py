@@ -1,6 +1,7 @@
 """A worker killed mid-job (its whole process tree, SIGKILL): another, already running worker recovers the job
 by its heartbeat, and the job resumes from its latest checkpoint to the weights of an uninterrupted run, bit
-for bit. Real processes: Postgres, Redis, two `lomo worker`s, stories260K training on the CPU."""
+for bit; on one rank and on two (whose launcher and ranks die with the worker). Real processes: Postgres,
+Redis, two `lomo worker`s, stories260K training on the CPU."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def running_workers(tmp_path, env, names):
     return workers
 
 
+def stop_workers(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM to each live worker's process group; SIGKILL to one that has not stopped in 30 s."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def cluster(tmp_path):
     need_shared(STORIES)
@@ -60,13 +72,7 @@ def cluster(tmp_path):
     api.__enter__()
     yield api, settings, workers
     api.__exit__(None, None, None)
-    for process, _log in workers.values():
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+    stop_workers([process for process, _log in workers.values()])
     import redis
 
     redis.Redis.from_url(REDIS_URL).delete(settings.queue)
@@ -83,16 +89,24 @@ def wait(api, job_id, until, timeout=240, logs=()):
     raise AssertionError(f"{job_id} stuck: {job}\n" + "\n".join(Path(p).read_text()[-2000:] for p in logs))
 
 
-def test_a_killed_workers_job_resumes_elsewhere_to_the_weights_of_an_uninterrupted_run(cluster):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_killed_workers_job_resumes_elsewhere_to_the_weights_of_an_uninterrupted_run(cluster, ranks):
     api, settings, workers = cluster
     logs = [log for _p, log in workers.values()]
     file_id = api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
-    body = {"model": str(STORIES), "training_file": file_id, "seed": 5, "hyperparameters": JOB}
+    # on 2 ranks (ZeRO-3, each rank's partitions in the checkpoint) a shorter job: a step costs more there
+    hyper = JOB if ranks == 1 else {**JOB, "max_steps": 40}
+    body = {"model": str(STORIES), "training_file": file_id, "seed": 5, "hyperparameters": hyper,
+            **({"gpus": ranks} if ranks > 1 else {})}
     job_id = api.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     wait(api, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 12, logs=logs)
     victim = next(name for name in workers if str(_claimed_by(settings, job_id)).startswith(f"{name}:"))
     children = training_pids(job_id)
     assert children, f"no training process of {job_id} was found"
+    # the launcher and its ranks: they must die with the worker too
+    ranks_found = training_pids(job_id, b"lomo_core.zero3.launch")
+    assert len(ranks_found) >= (ranks + 1 if ranks > 1 else 0), ranks_found
+    children += ranks_found
     killed_at = time.monotonic()
     os.killpg(workers[victim][0].pid, signal.SIGKILL)  # the worker and its pool; its training child is elsewhere
     workers[victim][0].wait()
@@ -114,7 +128,8 @@ def test_a_killed_workers_job_resumes_elsewhere_to_the_weights_of_an_uninterrupt
     assert resumed_at and resumed_at[0] >= 10 and resumed_at[0] % 10 == 0  # the latest complete one at the kill
     steps = [m["step"] for m in api.get(f"/v1/fine_tuning/jobs/{job_id}/metrics",
                                         params={"kind": "train"}).json()["data"]]
-    assert steps == list(range(1, 101))  # every step once: the lost attempt's steps after it were done again
+    # every step once: the lost attempt's steps after it were done again
+    assert steps == list(range(1, hyper["max_steps"] + 1))
 
     straight = api.post("/v1/fine_tuning/jobs", json=body).json()["id"]  # the same job, uninterrupted
     assert wait(api, straight, lambda j: j["status"] in ("succeeded", "failed"), logs=logs)["status"] == "succeeded"

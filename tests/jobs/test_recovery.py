@@ -109,6 +109,28 @@ def test_a_resumed_attempt_forgets_what_the_lost_one_did_after_the_checkpoint(en
     assert (job.step, job.trained_tokens) == (3, 30)
 
 
+def test_an_attempt_lost_before_its_first_checkpoint_is_forgotten_by_the_next(env):
+    db, _settings = env
+    [job_id] = seed_jobs(db, [(1, 0)])
+    running(db, job_id, 1, silent_s=0)
+    with db.session() as s:
+        telemetry.record_progress(s, job_id, [("start", 0, {"total_steps": 4, "step": 0}),
+                                              ("val", 0, {"loss": 4.0}), ("train", 1, {"loss": 3.0, "tokens": 10}),
+                                              ("train", 2, {"loss": 2.0, "tokens": 10})], attempt=1)
+    with db.session() as s:
+        s.get(Job, job_id).attempt = 2  # recovered with no checkpoint: it starts again from step 0
+    with db.session() as s:
+        telemetry.record_progress(s, job_id, [("start", 0, {"total_steps": 4, "step": 0}),
+                                              ("val", 0, {"loss": 4.0}), ("train", 1, {"loss": 3.0, "tokens": 10})],
+                                  attempt=2)
+    with db.session() as s:
+        points = [(p.kind, p.step) for p in s.query(MetricPoint).filter_by(job_id=job_id)
+                  .order_by(MetricPoint.step, MetricPoint.kind)]
+        job = s.get(Job, job_id)
+    assert points == [("val", 0), ("train", 1)]  # each once, from the attempt that counts
+    assert (job.step, job.trained_tokens) == (1, 10)
+
+
 def test_what_the_lost_attempt_logged_but_never_reported_is_backfilled(env, tmp_path):
     db, _settings = env
     [job_id] = seed_jobs(db, [(1, 0)])

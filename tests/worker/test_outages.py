@@ -1,0 +1,106 @@
+"""Outages of seconds lose nothing: the real Postgres is stopped and started again while a job trains (the
+worker keeps the job's records and writes them when it is back; the API answers 503 meanwhile), and the
+watch of the queue wakes the workers for queued jobs whose messages a broker lost."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from jobs import lifecycle
+from jobs.db import close_database, database
+from jobs.migrate import upgrade
+from jobs.models import GpuLease, Job, JobEvent, MetricPoint
+from jobs.settings import Settings
+from tests.conftest import INSTRUCT, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.worker.test_supervisor import job_row, submit
+from worker.app import wake_idle
+from worker.supervisor import JobRunner
+
+
+def postgres(action: str) -> None:
+    """Stop or start the local Postgres cluster (the one the tests use), as its administrator would."""
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
+                   + (["-m", "fast"] if action == "stop" else []), check=True, capture_output=True, timeout=60)
+
+
+def test_postgres_stopped_and_started_during_a_job_loses_no_metric_point(tmp_path):
+    url = create_postgres_database()
+    upgrade(url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=url, flush_interval_s=0.2, device="cpu")
+    db = database(url)
+    api = TestClient(create_app(settings), raise_server_exceptions=False)
+    steps = 200
+    job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=steps, batch_size=4,
+                    max_seq_len=64, lr=5e-3)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(job_id, poll=False)))
+    thread.start()
+    metrics = settings.data_dir / "jobs" / job_id / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while job_row(db, job_id).step < 5:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        postgres("stop")
+        try:
+            logged = len(metrics.read_text().splitlines())
+            time.sleep(3)
+            answer = api.get(f"/v1/fine_tuning/jobs/{job_id}")
+            assert answer.status_code == 503 and answer.headers["retry-after"]
+            assert answer.json()["error"]["code"] == "database_unavailable"
+            assert len(metrics.read_text().splitlines()) > logged  # the training went on meanwhile
+            assert thread.is_alive()
+        finally:
+            postgres("start")
+        thread.join(timeout=180)
+        assert outcome == ["succeeded"]
+        job = job_row(db, job_id)
+        assert (job.status, job.step, job.attempt) == ("succeeded", steps, 1)
+        with db.session() as s:
+            logged_steps = [p.step for p in s.query(MetricPoint).filter_by(job_id=job_id, kind="train")
+                            .order_by(MetricPoint.step)]
+            said = [e.message for e in s.query(JobEvent).filter_by(job_id=job_id)]
+            assert s.query(GpuLease).filter(GpuLease.released_at.is_(None)).count() == 0
+        assert logged_steps == list(range(1, steps + 1))  # every point once: none lost, none twice
+        assert any(m.startswith("the database could not be reached for") for m in said)
+        assert api.get("/v1/fine_tuning/jobs").status_code == 200  # the API is back too, without a restart
+    finally:
+        thread.join(timeout=180)
+        close_database(url)
+        drop_postgres_database(url)
+
+
+def test_the_watch_wakes_one_worker_per_free_gpu_while_jobs_are_queued(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'lomo.db'}"
+    upgrade(url)
+    db = database(url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=url, gpu_memory_gib=[24.0, 24.0],
+                        worker_name="node-a")
+    sent: list[tuple[str, bool]] = []
+    monkeypatch.setattr("worker.app.enqueue", lambda _settings, job_id, poll=True, **_: sent.append((job_id, poll)))
+    assert wake_idle(settings, db, slots=2) == 0  # nothing queued: nothing sent
+    first = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=2)
+    second = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=2)
+    third = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=2)
+    assert wake_idle(settings, db, slots=2) == 2 and sent == [(first, False), (second, False)]  # 2 GPUs free
+    with db.session() as s:
+        assert lifecycle.claim(s, first, "node-a:1")
+        s.add(GpuLease(node="node-a", device_index=0, job_id=first))
+    sent.clear()
+    assert wake_idle(settings, db, slots=2) == 1 and sent == [(second, False)]  # one GPU left
+    with db.session() as s:
+        s.add(GpuLease(node="node-b", device_index=1, job_id=third))  # another node's: not this one's
+    sent.clear()
+    assert wake_idle(settings, db, slots=2) == 1
+    cpu = settings.model_copy(update={"gpu_memory_gib": []})  # a CPU node: its worker's slots count
+    sent.clear()
+    assert wake_idle(cpu, db, slots=2) == 1 and wake_idle(cpu, db, slots=1) == 0
+    with db.session() as s:
+        assert s.get(Job, first).claimed_by == "node-a:1"

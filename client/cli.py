@@ -752,6 +752,13 @@ def _show_job(job: dict[str, Any]) -> None:
     ]
     if job.get("estimated_finish") and job["status"] not in ("succeeded", "failed", "cancelled"):
         rows.append(("estimated finish", _when(job["estimated_finish"])))
+    history = [f"attempt {job['attempt']}"] if job.get("attempt", 0) > 1 else []
+    history += [f"{job[key]} {what}" for key, what in (("recoveries", "recovered after a lost worker"),
+                                                        ("preemptions", "preempted")) if job.get(key)]
+    if job.get("preempted_by"):
+        history.append(f"stopping for {job['preempted_by']} (higher priority)")
+    if history:
+        rows.append(("history", _text(", ".join(history))))
     if job.get("metadata"):
         rows.append(("metadata", _text(", ".join(f"{k}={v}" for k, v in job["metadata"].items()))))
     if job.get("result_files"):

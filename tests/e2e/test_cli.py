@@ -274,3 +274,24 @@ def test_a_2x2_sweep_submits_4_tagged_jobs(service, tmp_path):
     sweep_id = re.search(r"sweep-[0-9a-f]+", refused.stderr).group(0)
     (first,) = service.json("jobs", "--metadata", f"sweep={sweep_id}")
     assert first["status"] == "cancelled" or first["cancel_requested"]
+
+
+def test_status_tells_a_jobs_history_of_recoveries_and_preemptions(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from client import cli
+
+    def shown(**fields) -> str:
+        buffer = io.StringIO()
+        monkeypatch.setattr(cli, "out", Console(file=buffer, width=200))
+        cli._show_job({"id": "ftjob-1", "status": "running", "attempt": 1, "recoveries": 0, "preemptions": 0,
+                       "preempted_by": None, **fields})
+        return buffer.getvalue()
+
+    assert "history" not in shown()  # a first attempt has none
+    text = shown(status="pausing", attempt=4, recoveries=1, preemptions=2, preempted_by="ftjob-2")
+    line = next(line for line in text.splitlines() if line.startswith("history"))
+    assert "attempt 4" in line and "1 recovered after a lost worker" in line and "2 preempted" in line
+    assert "stopping for ftjob-2" in line

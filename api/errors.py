@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorResponse
 from jobs import errors
-from jobs.db import UNREACHABLE
+from jobs.db import UNREACHABLE, is_unreachable
 
 log = logging.getLogger("lomo.api")
 
@@ -74,9 +74,11 @@ async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), code)
 
 
-async def _unreachable(_request: Request, exc: Exception) -> JSONResponse:
+async def _unreachable(request: Request, exc: Exception) -> JSONResponse:
     # A database restart or a lost connection: the client (the openai SDK included) tries again after a
     # moment; a job created with an Idempotency-Key is created once however often it is sent.
+    if not is_unreachable(exc):  # a missing table, a bad statement: a bug (or a migration not applied)
+        return await _internal(request, exc)
     log.warning("the database cannot be reached: %s", type(exc).__name__)
     response = error_response(503, "the service's database cannot be reached right now; try again in a few "
                                    "seconds", "database_unavailable", kind="server_error")

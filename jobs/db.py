@@ -16,8 +16,27 @@ from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
 log = logging.getLogger("lomo.db")
-#: what a database that cannot be reached for now raises (a restart, a lost connection, SQLite locked)
+#: the errors among which a database that cannot be reached for now is found (see ``is_unreachable``)
 UNREACHABLE = (OperationalError, InterfaceError)
+#: Postgres: connection exceptions (class 08), the server shutting down or restarting, a session ended for
+#: idling in a transaction, a lock not granted in time, and a transaction to try again
+_TRANSIENT_STATES = ("57P01", "57P02", "57P03", "25P03", "55P03", "40001", "40P01")
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot be reached for now (a restart, a lost connection, SQLite
+    locked), not that the request is wrong (a missing table, a bad statement: those are not retried)."""
+    if isinstance(error, InterfaceError):
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    if getattr(error, "connection_invalidated", False):
+        return True
+    state = getattr(error.orig, "sqlstate", None)
+    if state:
+        return state.startswith("08") or state in _TRANSIENT_STATES
+    text = str(error.orig).lower()
+    return any(word in text for word in ("locked", "connect", "closed", "terminat", "timeout", "timed out"))
 
 
 def make_engine(url: str, idle_transaction_timeout_s: float | None = None) -> Engine:
@@ -38,7 +57,10 @@ def make_engine(url: str, idle_transaction_timeout_s: float | None = None) -> En
             cursor.close()
 
         return engine
-    options = {}
+    # A cut network (no answer at all, unlike a restart) is noticed in seconds, not in TCP's 15 minutes:
+    # connecting gives up after 10 s, and a connection whose sent data has no answer for 30 s is closed.
+    options: dict[str, object] = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                                  "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30000}
     if idle_transaction_timeout_s:
         options["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_timeout_s * 1000)}"
     return create_engine(url, pool_pre_ping=True, connect_args=options)
@@ -103,6 +125,8 @@ def retrying(action: Callable[[], T], what: str, give_up_after_s: float, first_w
         try:
             result = action()
         except UNREACHABLE as error:
+            if not is_unreachable(error):
+                raise
             failures += 1
             if time.monotonic() - started + wait > give_up_after_s:
                 raise

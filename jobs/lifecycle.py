@@ -164,9 +164,14 @@ def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | N
     None when it was not live."""
     live = [Job.id == job_id, *([Job.attempt == attempt] if attempt is not None else [])]
     if outcome.status is JobStatus.PAUSED:
-        preempted_by = session.scalar(select(Job.preempted_by).where(*live, Job.status == JobStatus.PAUSING.value))
-        if preempted_by and session.execute(
-                update(Job).where(*live, Job.status == JobStatus.PAUSING.value, Job.preempted_by == preempted_by)
+        row = session.execute(select(Job.preempted_by, Job.cancel_requested)
+                              .where(*live, Job.status == JobStatus.PAUSING.value)).first()
+        if row is not None and row.cancel_requested:  # cancelled while it paused: it ends cancelled
+            outcome = Outcome(JobStatus.CANCELLED)
+        preempted_by = row.preempted_by if row is not None else None
+        if preempted_by and not row.cancel_requested and session.execute(
+                update(Job).where(*live, Job.status == JobStatus.PAUSING.value, Job.preempted_by == preempted_by,
+                                  Job.cancel_requested.is_(False))
                 .values(claimed_by=None, estimated_finish=None, preempted_by=None, preemptions=Job.preemptions + 1,
                         **transition_values(JobStatus.PAUSING, JobStatus.QUEUED))).rowcount:
             step = session.scalar(select(Job.step).where(Job.id == job_id))

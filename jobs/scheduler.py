@@ -12,13 +12,15 @@ with the number of its node's GPUs that are free:
   node's GPUs (nodes of different cards), is left to other nodes, and does not block this one.
 
 Preemption (``LOMO_PREEMPT``): when the first job of the queue that this node can run does not fit the
-free GPUs, and running jobs of lower priority hold enough of them, the fewest such jobs needed are
-paused for it (lowest priority first, then the most recently started): each checkpoints at its next
-step, frees its GPUs and goes back to the queue (``preempted_by``), to resume from that checkpoint when
-GPUs free up. Two bounds: a job is preempted only after it has run ``LOMO_PREEMPT_MIN_RUN_S`` since its
-last start, so it always makes progress; and while a preemption is under way the freed GPUs are held
-for the job it makes room for (no backfill takes them), so no job is preempted in vain. A preempted job
-keeps its place in the queue: it resumes before the jobs of its priority that came after it.
+free GPUs (counting those of jobs already pausing), and running jobs of lower priority hold enough of
+them, such jobs are paused for it, lowest priority first, then the most recently started, until enough
+GPUs will be free: each checkpoints at its next step, frees its GPUs and goes back to the queue
+(``preempted_by``), to resume from that checkpoint when GPUs free up. Bounds: a job is preempted only
+after it has run ``LOMO_PREEMPT_MIN_RUN_S`` since its last start, so it always makes progress; nothing
+is preempted when even all eligible jobs would not free enough; one preemption at a time per waiting job
+(its row is locked while it is decided); and while it is under way the freed GPUs are held for the job
+it makes room for (no backfill takes them). A preempted job keeps its place in the queue: it resumes
+before the jobs of its priority that came after it.
 
 Choosing, claiming and leasing happen in one transaction: the conditional ``UPDATE ... WHERE
 status='queued'`` claims the job, the lease rows take the devices (a partial unique index refuses a
@@ -103,10 +105,10 @@ def choose(queue: list[Waiting], free: int | None, node_size: int | None, backfi
 
 def preemption_victims(waiting: Waiting, free: int, running: list[Running], now: datetime,
                        min_run_s: float) -> list[str]:
-    """The running jobs to preempt so that ``waiting`` can start with ``free`` GPUs free: the fewest of
+    """The running jobs to preempt so that ``waiting`` can start with ``free`` GPUs free: of those of
     lower priority that have run ``min_run_s`` since their start, lowest priority first, then the most
-    recently started (the least time since its start is lost to the restart). Empty when even all of
-    them would not free enough GPUs: nothing is preempted in vain."""
+    recently started (the least time since its start is lost to the restart), until enough GPUs will be
+    free. Empty when even all of them would not free enough: nothing is preempted in vain."""
     if waiting.need <= free:
         return []
     eligible = sorted((r for r in running if r.priority < waiting.priority
@@ -252,9 +254,16 @@ def _preempt_for(session: Session, node: str, queue: list[Waiting], free: int, n
     target = next((job for job in queue if fits_node(job, node_size, device_bytes)), None)
     if target is None or target.id in reserved:
         return
+    # One decision at a time for a waiting job (workers of other nodes may look at it now): its row is
+    # locked, and what is under way for it is read again under the lock.
+    if session.scalar(select(Job.id).where(Job.id == target.id, Job.status == JobStatus.QUEUED.value)
+                      .with_for_update()) is None or target.id in preemptions_under_way(session):
+        return
     now = utcnow()
     running = running_on(session, node)
-    victims = preemption_victims(target, free, running, now, min_run_s)
+    freeing = session.scalar(select(func.count(GpuLease.id)).join(Job, Job.id == GpuLease.job_id).where(
+        GpuLease.node == node, GpuLease.released_at.is_(None), Job.status == JobStatus.PAUSING.value)) or 0
+    victims = preemption_victims(target, free + freeing, running, now, min_run_s)  # pausing ones free theirs soon
     if not victims:
         return
     by_id = {job.id: job for job in running}

@@ -58,6 +58,8 @@ def record_progress(session: Session, job_id: str, records: list[tuple[str, int,
                        f"truncated, {payload.get('dropped', 0)} dropped")
             add_event(session, job_id, message, data=payload)
         elif kind == "train":
+            if step <= (job.step or 0):  # written already (a batch sent again after its commit's answer was lost)
+                continue
             session.add(MetricPoint(job_id=job_id, step=step, kind="train", loss=payload["loss"],
                                     lr=payload.get("lr"), tokens_per_s=payload.get("tokens_per_s"),
                                     grad_norm=payload.get("grad_norm"), created_at=now))
@@ -172,8 +174,17 @@ def _update_estimate(job: Job, now: datetime) -> None:
 
 def record_eval(session: Session, job_id: str, task: str, split: str, metric: str, value: float, examples: int,
                 model_ref: str, truncated: int = 0) -> None:
-    session.add(EvalResult(job_id=job_id, task=task, split=split, metric=metric, value=value,
-                           examples=examples, model_ref=model_ref, truncated=truncated, created_at=utcnow()))
+    """One score of one model of the job; the same model scored again on the same examples (an attempt
+    that started over, a batch sent twice) replaces its score instead of adding a second one."""
+    session.flush()
+    row = session.scalars(select(EvalResult).where(
+        EvalResult.job_id == job_id, EvalResult.task == task, EvalResult.split == split,
+        EvalResult.metric == metric, EvalResult.model_ref == model_ref, EvalResult.examples == examples)).first()
+    if row is None:
+        session.add(EvalResult(job_id=job_id, task=task, split=split, metric=metric, value=value,
+                               examples=examples, model_ref=model_ref, truncated=truncated, created_at=utcnow()))
+    else:
+        row.value, row.truncated, row.created_at = value, truncated, utcnow()
 
 
 def publish_results(session: Session, settings: Settings, job_id: str) -> list[str]:

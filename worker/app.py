@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery.signals import worker_init, worker_ready
 from kombu.exceptions import KombuError
@@ -65,8 +66,10 @@ def _migrate(**_kwargs) -> None:
 @worker_ready.connect
 def _at_start(sender=None, **_kwargs) -> None:
     slots = getattr(getattr(sender, "controller", None), "concurrency", None)
-    start_node(settings, slots)
-    threading.Thread(target=watch_the_queue, args=(settings, slots), name="lomo-watch", daemon=True).start()
+    try:
+        start_node(settings, slots)
+    finally:  # the watch also covers what a start that failed (the database away) left undone
+        threading.Thread(target=watch_the_queue, args=(settings, slots), name="lomo-watch", daemon=True).start()
 
 
 def watch_the_queue(settings: Settings, slots: int | None = None, stop: threading.Event | None = None) -> None:
@@ -78,12 +81,18 @@ def watch_the_queue(settings: Settings, slots: int | None = None, stop: threadin
     stop = stop or threading.Event()
     db = settings.worker_database()
     interval = max(0.2, min(settings.heartbeat_timeout_s / 4, 30.0))
+    # After an outage of the database, every heartbeat is as old as the outage: recovery waits a heartbeat
+    # timeout after this worker last failed to reach it, so that the live workers write theirs first.
+    unreachable_at = float("-inf")
     while not stop.wait(interval):
         try:
-            for job_id in recover_lost(db, settings):
-                enqueue(settings, job_id)
+            if time.monotonic() - unreachable_at > settings.heartbeat_timeout_s:
+                for job_id in recover_lost(db, settings):
+                    enqueue(settings, job_id)
             wake_idle(settings, db, slots or startup_wake_ups(settings))
         except (*UNREACHABLE, KombuError, OSError) as error:  # the database or the broker is away for now
+            if isinstance(error, UNREACHABLE):
+                unreachable_at = time.monotonic()
             log.warning("looking at the queue failed (%s: %s); trying again in %.0f s", type(error).__name__,
                         error, interval)
         except Exception:  # a bug of ours: logged whole, and the watch goes on
@@ -91,17 +100,17 @@ def watch_the_queue(settings: Settings, slots: int | None = None, stop: threadin
 
 
 def wake_idle(settings: Settings, db, slots: int) -> int:
-    """Send one wake-up (not re-sent: they do not multiply) per free GPU of this node, or per free slot
-    of this worker on a CPU node, up to the number of queued jobs; returns how many were sent."""
+    """Send one wake-up (not re-sent: they do not multiply) per free slot of this worker that has a free
+    GPU of this node to start a job on (per free slot on a CPU node), up to the number of queued jobs;
+    returns how many were sent."""
     with db.session() as session:
         queued = lifecycle.queued_job_ids(session)
         if not queued:
             return 0
+        free = slots - lifecycle.running_on_worker(session, settings.worker_name)
         kind, total, _ = settings.device_inventory()
         if kind == "cuda":
-            free = total - len(leases.leased_devices(session, settings.worker_name))
-        else:
-            free = slots - lifecycle.running_on_worker(session, settings.worker_name)
+            free = min(free, total - len(leases.leased_devices(session, settings.worker_name)))
     wake = queued[:max(free, 0)]
     for job_id in wake:
         enqueue(settings, job_id, poll=False)

@@ -7,7 +7,7 @@ touches the database itself. The last line says how the run ended: ``done``, ``c
 
 SIGTERM asks it to stop: it stops after the step in progress (the worker kills it if it does not).
 SIGUSR1 asks it to pause: after the step in progress it saves a checkpoint and ends with ``paused``.
-With ``--attempt N`` it stops at once (its process group killed) when the job's folder names another
+With ``--attempt N`` it stops at once (its process group killed) when the job's folder names a later
 attempt in ``.attempt``: the job was recovered elsewhere.
 """
 
@@ -238,7 +238,7 @@ def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, co
 
 
 def _watch_the_fence(attempt_file: Path, attempt: int, interval_s: float = 0.5) -> None:
-    """Kill this process group (the ranks too) as soon as the job's folder names another attempt than
+    """Kill this process group (the ranks too) as soon as the job's folder names a later attempt than
     ``attempt``: the job was recovered elsewhere, and this attempt must write nothing more (its database
     writes are fenced by the worker; this stops its writes to the folder: checkpoints, the model)."""
     import threading
@@ -247,10 +247,10 @@ def _watch_the_fence(attempt_file: Path, attempt: int, interval_s: float = 0.5) 
     def watch() -> None:
         while True:
             try:
-                owner = attempt_file.read_text().strip()
-            except OSError:
-                owner = str(attempt)
-            if owner and owner != str(attempt):
+                owner = int(attempt_file.read_text().strip() or attempt)
+            except (OSError, ValueError):
+                owner = attempt
+            if owner > attempt:
                 print(f"attempt {attempt} stops: attempt {owner} of this job runs elsewhere", file=sys.stderr,
                       flush=True)
                 os.killpg(os.getpgrp(), signal.SIGKILL)
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="file descriptor to report on")
     parser.add_argument("--parent", type=int, help="pid of the worker: when it is gone, everything stops at once")
     parser.add_argument("--attempt", type=int, help="the job's attempt: it stops when the job's folder names "
-                                                    "another (in .attempt)")
+                                                    "a later one (in .attempt)")
     args = parser.parse_args(argv)
     sink = PipeSink(args.fd)
 

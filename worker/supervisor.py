@@ -24,7 +24,7 @@ from typing import Any
 
 from jobs import admission, catalog, events, files, leases, lifecycle, scheduler, telemetry
 from jobs import devices as devices_mod
-from jobs.db import UNREACHABLE, Database, retrying
+from jobs.db import UNREACHABLE, Database, is_unreachable, retrying
 from jobs.models import File, Job
 from jobs.settings import Settings
 from jobs.states import JobStatus
@@ -102,7 +102,7 @@ class JobRunner:
         fenced = abandoned = False
         patience = self.settings.db_outage_s  # how long each write below waits for a database that is away
         try:
-            prepared = retrying(lambda: self._prepare(job_id), f"job {job_id}: preparing", patience)
+            prepared = retrying(lambda: self._prepare(job_id, attempt), f"job {job_id}: preparing", patience)
             if isinstance(prepared, lifecycle.Outcome):
                 outcome = prepared
             else:
@@ -112,7 +112,11 @@ class JobRunner:
                 outcome = (lifecycle.Outcome(JobStatus.FAILED) if fenced or abandoned else
                            retrying(lambda: self._outcome(job_id, report, output_dir, names), f"job {job_id}",
                                     patience))
-        except UNREACHABLE:  # away for longer than db_outage_s: the job is not failed, but left to recovery
+        except telemetry.Fenced:  # recovered elsewhere while this worker was stalled before its start
+            fenced = True
+        except UNREACHABLE as e:  # away for longer than db_outage_s: the job is not failed, but left to recovery
+            if not is_unreachable(e):
+                raise
             log.exception("job %s: the database stayed unreachable; the job is left to recovery", job_id)
             abandoned = True
         except Exception as e:  # a bug of ours: the job still ends, with what happened
@@ -170,7 +174,8 @@ class JobRunner:
             log.warning("could not send a wake-up: %s", e)
 
     # ------------------------------------------------------------------------------------------ prepare
-    def _prepare(self, job_id: str) -> lifecycle.Outcome | tuple[Path, Path, dict[str, str]]:
+    def _prepare(self, job_id: str,
+                 attempt: int | None = None) -> lifecycle.Outcome | tuple[Path, Path, dict[str, str]]:
         """Resolve the model and files on this node and write the run's config; or the reason it can't."""
         settings = self.settings
         with self.db.session() as session:
@@ -207,6 +212,8 @@ class JobRunner:
             values["resume_from"] = resume
             step = int(resume.name[5:])
             with self.db.session() as session:
+                if attempt is not None:  # (raises Fenced when the job is another attempt's by now)
+                    telemetry.record_progress(session, job_id, [], attempt=attempt)
                 # what the lost attempt did up to its checkpoint but had not reported yet is in its own log
                 telemetry.backfill(session, job_id, step, str(resume), _logged_records(output_dir, step))
                 events.add_event(session, job_id, f"resuming from the checkpoint at step {step}")
@@ -244,16 +251,26 @@ class JobRunner:
         was recovered elsewhere while this worker was frozen or cut off) kills its process group within
         half a second, long before the new attempt's training process has loaded its model."""
         settings = self.settings
+        fence = []
+        if attempt is not None:
+            # Still this attempt's (a worker that stalled past the heartbeat timeout before this point finds
+            # the job recovered elsewhere: it starts nothing), and the job's folder names the attempt that
+            # owns it, never an older one: an older training process still alive stops.
+            with self.db.session() as session:
+                try:
+                    telemetry.record_progress(session, job_id, [], attempt=attempt)
+                    if _folder_attempt(output_dir) > attempt:
+                        raise telemetry.Fenced(job_id)
+                except telemetry.Fenced:
+                    return ChildReport(returncode=0, final=None, cancel_requested=False, killed=False, fenced=True)
+                (output_dir / ATTEMPT_FILE).write_text(str(attempt))
+            fence = ["--attempt", str(attempt)]
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if devices is not None:
             # lease indices are nvidia-smi's, which number GPUs in PCI bus order; CUDA must read them alike
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             env["CUDA_VISIBLE_DEVICES"] = devices_mod.visible_ids(devices)
-        fence = []
-        if attempt is not None:  # the job's folder names the attempt that owns it: an older one still alive stops
-            (output_dir / ATTEMPT_FILE).write_text(str(attempt))
-            fence = ["--attempt", str(attempt)]
         with (output_dir / LOG_FILE).open("ab") as log_file:
             child = subprocess.Popen(
                 [*self.command, str(config_path), "--fd", str(write_fd), "--parent", str(os.getpid()), *fence],
@@ -288,6 +305,8 @@ class JobRunner:
                         _signal_group(child, signal.SIGKILL)
                         break
                     except UNREACHABLE as error:  # keep the records; the training goes on meanwhile
+                        if not is_unreachable(error):
+                            raise
                         if not outage:
                             log.warning("job %s: the database cannot be reached (%s); the records are kept and "
                                         "written when it is back (for up to %.0f s)", job_id, type(error).__name__,
@@ -387,7 +406,7 @@ class JobRunner:
                     job = session.get(Job, job_id)
                     name = catalog.fine_tuned_name(job.model, job.suffix, job.id)
             return lifecycle.Outcome(JobStatus.SUCCEEDED, fine_tuned_model=name)
-        if kind == "paused" and report.returncode == 0:
+        if kind == "paused" and report.returncode == 0 and not report.cancel_requested:
             with self.db.session() as session:
                 events.add_event(session, job_id, f"training process stopped after its checkpoint at step "
                                                   f"{final.get('step')}")
@@ -468,6 +487,14 @@ def _latest_complete_checkpoint(output_dir: Path) -> Path | None:
     root = output_dir / "checkpoints"
     found = sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file()) if root.is_dir() else []
     return found[-1] if found else None
+
+
+def _folder_attempt(output_dir: Path) -> int:
+    """The attempt a job's folder names as its owner (0: none yet)."""
+    try:
+        return int((output_dir / ATTEMPT_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _signal_group(child: subprocess.Popen, sig: int) -> None:

@@ -109,8 +109,8 @@ def _wake(db, settings, job_id: str) -> None:
     except Exception as e:
         log.warning("could not enqueue %s: %s", job_id, e)
         with db.session() as session:
-            events.add_event(session, job_id, f"the broker could not be reached ({type(e).__name__}); the "
-                                              "job stays queued; the workers start it once the broker is back", "warning")
+            events.add_event(session, job_id, f"the broker could not be reached ({type(e).__name__}); the job "
+                                              "stays queued; the workers start it once the broker is back", "warning")
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=ERRORS)

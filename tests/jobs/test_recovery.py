@@ -10,7 +10,7 @@ import pytest
 from jobs import leases, lifecycle, results, telemetry
 from jobs.db import database
 from jobs.migrate import upgrade
-from jobs.models import GpuLease, Job, MetricPoint, utcnow
+from jobs.models import EvalResult, GpuLease, Job, MetricPoint, utcnow
 from jobs.recovery import recover_lost
 from jobs.settings import Settings
 from jobs.states import JobStatus
@@ -148,3 +148,21 @@ def test_what_the_lost_attempt_logged_but_never_reported_is_backfilled(env, tmp_
     assert points == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("val", 4)]
     assert job.trained_tokens == 40
     assert [(c.step, c.metrics["train_loss"], c.metrics["valid_loss"]) for c in listed] == [(4, 2.0, 2.2)]
+
+
+def test_a_batch_written_twice_adds_its_points_once(env):
+    """A worker that sends a batch again (its commit went through but the answer was lost in an outage)."""
+    db, _settings = env
+    [job_id] = seed_jobs(db, [(1, 0)])
+    running(db, job_id, 1, silent_s=0)
+    score = {"task": "copa", "split": "validation", "metric": "acc", "value": 0.5, "examples": 4, "model_ref": "base"}
+    batch = [("eval", 0, score), ("train", 1, {"loss": 3.0, "tokens": 10}), ("train", 2, {"loss": 2.0, "tokens": 10})]
+    for _ in range(2):
+        with db.session() as s:
+            telemetry.record_progress(s, job_id, batch, attempt=1)
+    with db.session() as s:
+        points = [p.step for p in s.query(MetricPoint).filter_by(job_id=job_id).order_by(MetricPoint.step)]
+        scores = [(e.task, e.model_ref, e.value) for e in s.query(EvalResult).filter_by(job_id=job_id)]
+        job = s.get(Job, job_id)
+    assert points == [1, 2] and (job.step, job.trained_tokens) == (2, 20)
+    assert scores == [("copa", "base", 0.5)]  # a model scored again replaces its score

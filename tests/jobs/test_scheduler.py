@@ -59,7 +59,7 @@ def test_a_cpu_node_takes_the_queue_in_order():
     assert choose([Waiting("a", 2), Waiting("b", 1)], free=None, node_size=None, backfill_limit=0).job_id == "a"
 
 
-def test_preemption_takes_the_fewest_lower_priority_jobs_that_ran_long_enough():
+def test_preemption_takes_lower_priority_jobs_that_ran_long_enough_lowest_first():
     now = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
 
     def ran(minutes: float) -> datetime:
@@ -234,3 +234,21 @@ def test_a_waiting_job_of_higher_priority_preempts_once_and_the_preempted_one_re
     assert (first.job_id, first.devices) == (high, [0, 1])
     finish(db, high)
     assert scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=0).job_id == low
+
+
+def test_a_job_cancelled_while_it_pauses_for_a_preemption_ends_cancelled(database_url):
+    from jobs import lifecycle
+
+    upgrade(database_url)
+    db = database(database_url)
+    [low] = queue_jobs(db, [(1, 0)])
+    assert scheduler.start_next(db, "node-a", 1, "w", 4).job_id == low
+    with db.session() as s:
+        s.add(Job(id="job-high", owner_id="ann", model="m", training_file_id="f", method="lomo", gpus=1, priority=5,
+                  status=JobStatus.QUEUED.value))
+    assert scheduler.start_next(db, "node-a", 1, "w", 4, preempt_min_run_s=0) is None
+    with db.session() as s:
+        assert lifecycle.cancel_job(s, "ann", low).cancel_requested
+        # its training process checkpointed and reported "paused": it does not go back to the queue
+        assert lifecycle.finish_job(s, low, lifecycle.Outcome(JobStatus.PAUSED)) is JobStatus.CANCELLED
+        assert s.get(Job, low).status == JobStatus.CANCELLED.value

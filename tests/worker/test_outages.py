@@ -95,6 +95,7 @@ def test_the_watch_wakes_one_worker_per_free_gpu_while_jobs_are_queued(tmp_path,
         s.add(GpuLease(node="node-a", device_index=0, job_id=first))
     sent.clear()
     assert wake_idle(settings, db, slots=2) == 1 and sent == [(second, False)]  # one GPU left
+    assert wake_idle(settings, db, slots=1) == 0  # a free GPU, but the worker's only slot is busy
     with db.session() as s:
         s.add(GpuLease(node="node-b", device_index=1, job_id=third))  # another node's: not this one's
     sent.clear()

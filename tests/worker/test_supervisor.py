@@ -502,3 +502,24 @@ def test_a_job_of_higher_priority_preempts_a_lower_one_which_resumes_to_the_same
     a = load_file(str(settings.data_dir / "jobs" / low / "model" / "model.safetensors"))
     b = uninterrupted_weights(settings, db, hyper)  # as when run alone
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_attempt_that_is_no_longer_the_jobs_starts_no_training_process(env, tmp_path, tiny_model_dir):
+    """A worker that stalled between its claim and its start (past the heartbeat timeout) finds its job
+    recovered elsewhere: it starts nothing, and never names its older attempt in the job's folder."""
+    settings, db = env
+    job_id = submit(settings, db, tiny_model_dir, content='{"prompt": "a", "response": "b"}\n')
+    with db.session() as s:
+        assert lifecycle.claim(s, job_id, "w:1")  # attempt 1
+    folder = tmp_path / "job"
+    folder.mkdir()
+    marker = tmp_path / "started"
+    runner = JobRunner(settings, db, command=[sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    (folder / ".attempt").write_text("2")  # attempt 2 owns the folder: this one is stale
+    report = runner.supervise(job_id, folder / "job-config.json", folder, attempt=1)
+    assert report.fenced and not marker.exists() and (folder / ".attempt").read_text() == "2"
+    report = runner.supervise(job_id, folder / "job-config.json", folder, attempt=3)  # the job is in attempt 1
+    assert report.fenced and not marker.exists()
+    (folder / ".attempt").unlink()
+    report = runner.supervise(job_id, folder / "job-config.json", folder, attempt=1)  # its own: it starts
+    assert not report.fenced and marker.exists() and (folder / ".attempt").read_text() == "1"

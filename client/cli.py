@@ -1300,3 +1300,116 @@ def version(as_json: JsonOption = False) -> None:
 
 if __name__ == "__main__":
     app()
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Users and their API keys (on the service's node: these "
+                                                   "commands use its database directly, as LOMO_DATABASE_URL says).")
+app.add_typer(users_app, name="users")
+
+
+def _users_session():
+    """A transaction on the service's database (migrated first), with its errors as CLI messages."""
+    import contextlib
+
+    from jobs import errors as service_errors
+    from jobs.db import database
+    from jobs.migrate import upgrade
+
+    @contextlib.contextmanager
+    def scope():
+        settings = _settings()
+        url = settings.resolved_database_url()
+        if settings.auto_migrate:
+            upgrade(url)
+        try:
+            with database(url).session() as session:
+                yield session
+        except service_errors.InvalidRequest as e:
+            _fail([str(e)])
+        except (service_errors.NotFound, service_errors.Conflict) as e:
+            _fail([str(e)])
+
+    return scope()
+
+
+def _show_new_key(user: Any, new: Any, as_json: bool) -> None:
+    if as_json:
+        _print_json({"user": user.name, "user_id": user.id, "admin": user.is_admin, "key_id": new.key.id,
+                     "key": new.secret})
+        return
+    out.print(f"user {_text(user.name)} ({user.id}{', admin' if user.is_admin else ''}): key {new.key.id}")
+    out.print("[bold]the key (shown this once; it is stored only as a hash):[/]")
+    typer.echo(new.secret)
+
+
+@users_app.command("create")
+def users_create(name: str = typer.Argument(..., metavar="NAME"),
+                 admin: bool = typer.Option(False, "--admin", help="may see and act on every user's objects"),
+                 key_name: str | None = typer.Option(None, "--key-name", help="a label for the key"),
+                 as_json: JsonOption = False) -> None:
+    """Create a user and print their first API key (once)."""
+    from jobs.users import create_user
+
+    with _users_session() as session:
+        user, new = create_user(session, name, admin=admin, key_name=key_name)
+    _show_new_key(user, new, as_json)
+
+
+@users_app.command("add-key")
+def users_add_key(name: str = typer.Argument(..., metavar="USER", help="the user's name or id"),
+                  key_name: str | None = typer.Option(None, "--key-name", help="a label for the key"),
+                  as_json: JsonOption = False) -> None:
+    """Give a user another API key (their other keys stay valid) and print it (once)."""
+    from jobs.users import add_key, get_user
+
+    with _users_session() as session:
+        user = get_user(session, name)
+        new = add_key(session, user, key_name)
+    _show_new_key(user, new, as_json)
+
+
+@users_app.command("revoke-key")
+def users_revoke_key(key_id: str = typer.Argument(..., metavar="KEY_ID", help="key_... (as `lomo users list "
+                                                                               "--keys` shows)"),
+                     as_json: JsonOption = False) -> None:
+    """Revoke an API key: it authenticates no one from the next request on."""
+    from jobs.users import revoke_key
+
+    with _users_session() as session:
+        key = revoke_key(session, key_id)
+        answer = {"key_id": key.id, "user_id": key.user_id, "revoked_at": key.revoked_at.isoformat()}
+    if as_json:
+        _print_json(answer)
+    else:
+        out.print(f"key {key_id} revoked")
+
+
+@users_app.command("list")
+def users_list(keys: bool = typer.Option(False, "--keys", help="also each user's keys (ids, never secrets)"),
+               as_json: JsonOption = False) -> None:
+    """The users, with their number of live keys."""
+    from jobs.users import list_keys, list_users
+
+    with _users_session() as session:
+        rows = []
+        for user, live in list_users(session):
+            row = {"name": user.name, "id": user.id, "admin": user.is_admin, "live_keys": live,
+                   "created_at": user.created_at.isoformat() if user.created_at else None}
+            if keys:
+                row["keys"] = [{"id": k.id, "name": k.name, "created_at": k.created_at.isoformat(),
+                                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                                "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None}
+                               for k in list_keys(session, user)]
+            rows.append(row)
+    if as_json:
+        _print_json(rows)
+        return
+    table = _table()
+    for column in ("name", "id", "admin", "live keys", *(["keys"] if keys else [])):
+        table.add_column(column)
+    for row in rows:
+        cells = [_text(row["name"]), row["id"], "yes" if row["admin"] else "", str(row["live_keys"])]
+        if keys:
+            cells.append(", ".join(k["id"] + (" (revoked)" if k["revoked_at"] else "") for k in row["keys"]) or "-")
+        table.add_row(*cells)
+    out.print(table)

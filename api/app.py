@@ -7,6 +7,7 @@ Run with ``lomo serve`` or ``uvicorn --factory api.app:create_app``.
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -17,6 +18,30 @@ from api.routers import estimates, files, health, jobs, models
 from jobs.db import database
 from jobs.settings import Settings, get_settings
 from lomo_core import __version__
+
+log = logging.getLogger("lomo.api")
+
+
+def bootstrap_admin_key(settings: Settings, db) -> None:
+    """At the first start (no API key exists yet): the local user becomes an admin, and its new key is
+    written to ``settings.admin_key_file``, readable by its owner only (``make demo``, the CLI on this
+    machine and the tests read it there). Nothing is ever open without a key."""
+    import os
+
+    from jobs.users import bootstrap_admin
+
+    with db.session() as session:
+        made = bootstrap_admin(session, settings.default_user)
+    if made is None:
+        return
+    path = settings.admin_key_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(made.secret + "\n")
+    os.chmod(path, 0o600)
+    log.warning("first start: user %r is the admin; its API key (%s) is in %s (readable by its owner only)",
+                settings.default_user, made.key.id, path)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             from jobs.migrate import upgrade
 
             upgrade(settings.resolved_database_url())
+        bootstrap_admin_key(settings, app.state.db)
         yield
 
     app = FastAPI(

@@ -1,4 +1,5 @@
-"""Typed dependencies of the routes: the settings, a database session, and who is calling.
+"""Typed dependencies of the routes: the settings, a database session, and who is calling (the user of
+the request's API key; see ``jobs.users``).
 
 The session is a transaction per request, committed when the route returns (before the response is
 sent, so a failed commit is the client's error answer, not a lost write) and rolled back on an error.
@@ -6,6 +7,7 @@ sent, so a failed commit is the client's error answer, not a lost write) and rol
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -14,7 +16,10 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from jobs.db import Database
+from jobs.errors import Unauthorized
 from jobs.settings import Settings
+
+log = logging.getLogger("lomo.api")
 
 
 def get_settings(request: Request) -> Settings:
@@ -38,9 +43,27 @@ class Caller:
     is_admin: bool = False
 
 
-def get_caller(settings: Annotated[Settings, Depends(get_settings)]) -> Caller:
-    # No authentication yet: every request is the deployment's local user.
-    return Caller(settings.default_user)
+def get_caller(request: Request, db: Annotated[Database, Depends(get_database)]) -> Caller:
+    """The user of the request's API key (``Authorization: Bearer <key>``, as the openai SDK sends it);
+    none, or one that authenticates no one, is a 401."""
+    from jobs import users
+
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if not header:
+        raise Unauthorized("no API key: send it as 'Authorization: Bearer <key>' (the openai SDK's api_key; the "
+                           "lomo CLI's --api-key or LOMO_API_KEY)", code="missing_api_key")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+    with db.session() as session:
+        found = users.authenticate(session, presented.strip())
+        if found is None:
+            key_id = users.key_id_of(presented.strip())
+            log.info("refused API key %s", key_id or "(not one of this service's)")
+            raise Unauthorized("the API key is not valid: unknown, revoked, or of a disabled user")
+        user, key = found
+        request.state.key_id = key.id
+        return Caller(user.id, bool(user.is_admin))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

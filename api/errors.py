@@ -1,7 +1,8 @@
 """One error shape for every answer that is not a success: ``{"error": {"message", "type", "code",
 "param", "details"}}`` (OpenAI's, with ``details`` listing every problem and its field or line).
 
-422 for input that is wrong (the field or the line named), 404 for unknown ids, 409 for a request that
+401 without a valid API key, 422 for input that is wrong (the field or the line named), 404 for unknown
+ids (and another user's), 409 for a request that
 conflicts with a job's state, 413 for an upload over the limit, 503 (with Retry-After) while the database
 cannot be reached. Anything a client sends gets one of these, not a 500; a 500 is a bug of ours and says
 only its exception's type.
@@ -24,7 +25,8 @@ from jobs.db import UNREACHABLE, is_unreachable
 log = logging.getLogger("lomo.api")
 
 #: the error answers a route declares in the OpenAPI document
-ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                                           422: {"model": ErrorResponse}}
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorResponse}}
 TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {"model": ErrorResponse}}
 
@@ -62,6 +64,13 @@ async def _not_found(_request: Request, exc: errors.NotFound) -> JSONResponse:
     return error_response(404, str(exc), f"{exc.kind}_not_found", "id")
 
 
+async def _unauthorized(_request: Request, exc: errors.Unauthorized) -> JSONResponse:
+    response = error_response(401, str(exc), exc.code)
+    response.headers["www-authenticate"] = "Bearer"
+    response.headers["x-should-retry"] = "false"
+    return response
+
+
 async def _conflict(_request: Request, exc: errors.Conflict) -> JSONResponse:
     # The openai SDK retries a 409 on its own unless told not to: a state conflict does not pass by retrying.
     response = error_response(409, str(exc), exc.code)
@@ -97,6 +106,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.InvalidRequest, _invalid)
     app.add_exception_handler(errors.NotFound, _not_found)
     app.add_exception_handler(errors.Conflict, _conflict)
+    app.add_exception_handler(errors.Unauthorized, _unauthorized)
     app.add_exception_handler(StarletteHTTPException, _http)
     for unreachable in UNREACHABLE:
         app.add_exception_handler(unreachable, _unreachable)

@@ -132,6 +132,7 @@ def _trials(kills: int, timeout: float, save_every: int, rng: random.Random) -> 
     rows = []
     try:
         with TestClient(create_app(settings)) as api:
+            api.headers["Authorization"] = f"Bearer {settings.admin_key_file.read_text().strip()}"
             file_id = api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
             for kill in range(kills):
                 at = rng.randint(save_every + 1, 3 * save_every)

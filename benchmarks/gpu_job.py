@@ -63,6 +63,9 @@ def main() -> int:
                 print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
                 return 1
             time.sleep(0.3)
+        client.close()
+        client = LomoClient(f"http://127.0.0.1:{port}", timeout=60,
+                            api_key=(args.home / "var" / "admin-key").read_text().strip())
         file = client.upload_file(data)
         job = client.create_job("stories260K", file["id"], suffix="gpu-check", method={
             "type": "supervised", "supervised": {"hyperparameters": {

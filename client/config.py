@@ -2,7 +2,8 @@
 
 Each is taken from the first place that gives it: the command's option (``--url``, ``--api-key``), the
 environment (``LOMO_URL``, ``LOMO_API_KEY``), the config file (``$LOMO_CONFIG``, else
-``~/.config/lomo/config.toml``), and for the URL the default ``http://127.0.0.1:8000``. The config file
+``~/.config/lomo/config.toml``), and for the URL the default ``http://127.0.0.1:8000``, for the key the
+one a service on this machine wrote at its first start (``$LOMO_DATA_DIR/admin-key``). The config file
 is TOML::
 
     url = "http://gpu-head:8000"
@@ -99,6 +100,19 @@ def resolve(url: str | None = None, api_key: str | None = None,
             url, url_source = values["url"], str(path)
         if not api_key:
             api_key = values.get("api_key")
+    if not api_key:
+        api_key = local_admin_key(env)
     if not url:
         url, url_source = DEFAULT_URL, "default"
     return Target(url=check_url(url, url_source), api_key=api_key or None, url_source=url_source)
+
+
+def local_admin_key(env: Mapping[str, str] | None = None) -> str | None:
+    """The key a service on this machine wrote at its first start (``$LOMO_DATA_DIR/admin-key``, ``var``
+    by default), when this user can read it; else None."""
+    env = os.environ if env is None else env
+    path = Path(env.get("LOMO_DATA_DIR") or "var") / "admin-key"
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None

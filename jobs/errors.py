@@ -16,6 +16,14 @@ class NotFound(ServiceError):
         self.kind, self.ident = kind, ident
 
 
+class Unauthorized(ServiceError):
+    """No API key, or one that authenticates no one (unknown, malformed, revoked, of a disabled user)."""
+
+    def __init__(self, message: str, code: str = "invalid_api_key") -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Conflict(ServiceError):
     """The request conflicts with the state of what it names (a finished job, a file in use)."""
 

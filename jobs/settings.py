@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     #: the owner of requests while the service has no authentication
     default_user: str = "local"
 
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the first start writes the local admin's API key (readable by its owner only)."""
+        return self.data_dir / "admin-key"
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -34,6 +34,17 @@ class NewKey:
     secret: str
 
 
+def bootstrap_admin(session: Session, user_id: str) -> NewKey | None:
+    """At a first start (no API key exists yet): the deployment's local user (``user_id``, the owner of
+    everything made before users existed) becomes an admin with a new key, returned to be written for
+    its owner; otherwise None."""
+    if session.scalar(select(ApiKey.id).limit(1)) is not None:
+        return None
+    user = ensure_user(session, user_id)
+    user.is_admin = True
+    return add_key(session, user, "local admin, made at the first start")
+
+
 def ensure_user(session: Session, user_id: str) -> User:
     user = session.get(User, user_id)
     if user is None:

@@ -153,6 +153,11 @@ def main() -> int:
     client = LomoClient(f"http://127.0.0.1:{port}")
     try:
         wait_healthy(client, server)
+        key_file = HOME / "var" / "admin-key"  # the local admin's key, made at the service's first start
+        client.close()
+        client = LomoClient(f"http://127.0.0.1:{port}", api_key=key_file.read_text().strip())
+        console.print(f"API key: the local admin's, from {key_file} (written at the first start, owner-only)",
+                      style="dim")
         file = client.upload_file(DATA)
         console.print(f"POST /v1/files -> {file['id']}: {file['records']} records ({file['format']})")
         evals = []

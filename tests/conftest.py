@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import uuid
@@ -131,3 +132,47 @@ def seed_jobs(db, specs: list[tuple[int, int]], status: str = "queued") -> list[
                        gpus=gpus, priority=priority, created_at=start + timedelta(seconds=n))
                    for n, (job_id, (gpus, priority)) in enumerate(zip(ids, specs, strict=True))])
     return ids
+
+
+def admin_key(settings) -> str:
+    """The local admin's API key, which the service wrote at its first start."""
+    return settings.admin_key_file.read_text().strip()
+
+
+def user_key(settings, name: str, admin: bool = False) -> str:
+    """An API key of user ``name`` of the service's database (made with the user on first use)."""
+    from sqlalchemy import select
+
+    from jobs import users
+    from jobs.db import database
+    from jobs.models import User
+
+    with database(settings.resolved_database_url()).session() as session:
+        found = session.scalar(select(User).where(User.name == name))
+        if found is None:
+            return users.create_user(session, name, admin=admin)[1].secret
+        return users.add_key(session, found).secret
+
+
+def open_api_client(settings, user: str | None = None, **kwargs):
+    """A started TestClient of the service's app (migrations applied, the first admin key made) that sends
+    an API key: the local admin's, or with ``user``, one of that (non-admin) user's. The caller closes it
+    (``client.__exit__(None, None, None)``)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    client = TestClient(create_app(settings), **kwargs)
+    client.__enter__()
+    client.headers["Authorization"] = f"Bearer {user_key(settings, user) if user else admin_key(settings)}"
+    return client
+
+
+@contextlib.contextmanager
+def api_client(settings, user: str | None = None, **kwargs):
+    """``open_api_client`` as a context."""
+    client = open_api_client(settings, user, **kwargs)
+    try:
+        yield client
+    finally:
+        client.__exit__(None, None, None)

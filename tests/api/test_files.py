@@ -11,14 +11,13 @@ import time
 import httpx
 import openai
 import pytest
-from fastapi.testclient import TestClient
 
-from api.app import create_app
+from api.app import bootstrap_admin_key, create_app
 from jobs import files
 from jobs.db import database
 from jobs.migrate import upgrade
 from jobs.settings import Settings
-from tests.conftest import create_postgres_database, drop_postgres_database
+from tests.conftest import admin_key, api_client, create_postgres_database, drop_postgres_database
 from tests.e2e.live_service import api_in_thread
 
 GOOD = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
@@ -36,7 +35,7 @@ def settings(tmp_path, database_url, tiny_model_dir):
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as c:
+    with api_client(settings) as c:
         yield c
 
 
@@ -46,6 +45,7 @@ def sqlite_settings(tmp_path):
     url = f"sqlite:///{tmp_path / 'test.db'}"
     settings = Settings(data_dir=tmp_path / "var", database_url=url, max_upload_bytes=LIMIT)
     upgrade(url)
+    bootstrap_admin_key(settings, database(url))  # what the lifespan does: the admin key these tests send
     yield settings
     from jobs.db import close_database
 
@@ -70,6 +70,11 @@ def multipart(content: bytes, name: str = "train.jsonl", purpose: str | None = N
 
 
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def authorized(settings) -> dict[str, str]:
+    """The multipart headers with the local admin's key."""
+    return {**MULTIPART, "Authorization": f"Bearer {admin_key(settings)}"}
 
 
 def leftovers(settings) -> list:
@@ -135,7 +140,7 @@ def test_content_is_the_stored_bytes_with_the_original_name_for_the_owner_only(c
         assert str(settings.data_dir) not in answer.text + json.dumps(dict(answer.headers))
         assert "files/" not in answer.text
     # another caller, an unknown id and a deleted file: all 404 like an unknown id
-    with TestClient(create_app(settings.model_copy(update={"default_user": "bob"}))) as bob:
+    with api_client(settings, user="bob") as bob:
         assert error_of(bob.get(f"/v1/files/{made['id']}/content"), 404)["code"] == "file_not_found"
     assert error_of(client.get("/v1/files/file-nope/content"), 404)["code"] == "file_not_found"
     client.delete(f"/v1/files/{made['id']}")
@@ -174,7 +179,7 @@ def test_a_chunked_upload_over_the_limit_is_stopped_as_soon_as_it_is_over(sqlite
     async def go():
         transport = httpx.ASGITransport(app=create_app(sqlite_settings))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            request = c.build_request("POST", "/v1/files", content=body(), headers=MULTIPART)
+            request = c.build_request("POST", "/v1/files", content=body(), headers=authorized(sqlite_settings))
             assert "content-length" not in request.headers and request.headers["transfer-encoding"] == "chunked"
             return await c.send(request)
 
@@ -195,7 +200,7 @@ def test_a_chunked_upload_split_anywhere_is_parsed_and_kept(sqlite_settings):
     async def go():
         transport = httpx.ASGITransport(app=create_app(sqlite_settings))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            return await c.post("/v1/files", content=body(), headers=MULTIPART)
+            return await c.post("/v1/files", content=body(), headers=authorized(sqlite_settings))
 
     made = asyncio.run(go())
     assert made.status_code == 200, made.text
@@ -228,7 +233,7 @@ def test_a_retried_upload_with_its_idempotency_key_returns_the_first_file(client
     assert len(leftovers(settings)) == 1  # one stored file, nothing left in uploads
     other = upload(client, headers={"Idempotency-Key": "k-2"}).json()
     assert other["id"] != first["id"]
-    with TestClient(create_app(settings.model_copy(update={"default_user": "bob"}))) as bob:  # keys are per caller
+    with api_client(settings, user="bob") as bob:  # keys are per caller
         assert upload(bob, headers={"Idempotency-Key": "k-1"}).json()["id"] not in (first["id"], other["id"])
     assert error_of(upload(client, headers={"Idempotency-Key": "k" * 256}), 422)["param"] == "Idempotency-Key"
     # a refused upload keeps no key: the same key with a good file then succeeds
@@ -251,7 +256,8 @@ def test_health_answers_while_an_upload_is_being_checked(sqlite_settings, monkey
 
     async def go():
         transport = httpx.ASGITransport(app=create_app(sqlite_settings))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30,
+                                     headers={"Authorization": f"Bearer {admin_key(sqlite_settings)}"}) as c:
             upload_task = asyncio.create_task(c.post("/v1/files", files={"file": ("t.jsonl", GOOD)}))
             while not started:
                 await asyncio.sleep(0.005)
@@ -303,8 +309,8 @@ def live_server(request, tmp_path_factory):
 @pytest.fixture
 def sdk(live_server):
     """An ``openai.OpenAI`` client of the live server; the files a test leaves are deleted after it."""
-    base_url, _settings = live_server
-    client = openai.OpenAI(base_url=base_url, api_key="test", max_retries=0, timeout=30)
+    base_url, settings = live_server
+    client = openai.OpenAI(base_url=base_url, api_key=admin_key(settings), max_retries=0, timeout=30)
     yield client
     for f in list(client.files.list()):
         client.files.delete(f.id)

@@ -13,16 +13,14 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from api.app import create_app
 from client.rest import ApiError, LomoClient
 from jobs import catalog
 from jobs.admission import job_output_dir
 from jobs.migrate import upgrade
 from jobs.models import Checkpoint, Job, User, utcnow
 from jobs.settings import Settings
-from tests.conftest import STORIES, need_shared, tiny_llama
+from tests.conftest import STORIES, admin_key, api_client, need_shared, tiny_llama
 from tests.e2e.live_service import api_in_thread
 
 ROWS = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
@@ -40,14 +38,14 @@ def settings(tmp_path, database_url):
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as c:
+    with api_client(settings) as c:
         yield c
 
 
 @pytest.fixture
 def sqlite_client(tmp_path, tiny_model_dir):
     settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'lomo.db'}", tiny_model_dir.parent)
-    with TestClient(create_app(settings)) as c:
+    with api_client(settings) as c:
         yield c
 
 
@@ -327,7 +325,7 @@ def test_a_trained_model_downloads_reloads_trains_again_by_name_and_works_with_t
                             for c in ("cat", "dog", "hen", "fox") for m in ("mat", "rug")))
     tiny = {"max_steps": 2, "batch_size": 4, "max_seq_len": 32, "lr": 2e-2, "save_every": 2}
     runner = JobRunner(settings, database(settings.resolved_database_url()))
-    with LomoClient(base_url) as lomo:
+    with LomoClient(base_url, api_key=admin_key(settings)) as lomo:
         file_id = lomo.upload_file(data)["id"]
         job = lomo.create_job("stories260K", file_id, suffix="first", hyperparameters=tiny)
         assert runner.run(job["id"], poll=False) == "succeeded"
@@ -357,7 +355,7 @@ def test_a_trained_model_downloads_reloads_trains_again_by_name_and_works_with_t
         assert {m["id"] for m in lomo.list_models()} == {"stories260K", name, second}
         assert lomo.get_model(second)["owned_by"] == "local"
 
-    sdk = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+    sdk = openai.OpenAI(base_url=f"{base_url}/v1", api_key=admin_key(settings), max_retries=0)
     models = sdk.models.list()
     assert [m.id for m in models.data] == ["stories260K", name, second]
     assert {m.owned_by for m in models.data} == {"system", "local"}
@@ -377,16 +375,14 @@ def test_a_trained_model_downloads_reloads_trains_again_by_name_and_works_with_t
 
 def test_a_path_into_the_data_folder_is_not_a_model(tmp_path):
     """Another user's fine-tuned model is reached by name (which checks the owner), never by its folder."""
-    from fastapi.testclient import TestClient
 
-    from api.app import create_app
     from jobs.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
     folder = settings.data_dir / "jobs" / "ftjob-someone" / "model"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
         file_id = client.post("/v1/files", files={"file": ("t.jsonl", b'{"prompt": "a", "response": "b"}\n')}
                               ).json()["id"]
         for reference in (str(folder), str(settings.data_dir / "jobs" / ".." / "jobs" / "ftjob-someone" / "model")):

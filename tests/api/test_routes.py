@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 
-from api.app import create_app
 from jobs.schemas import BASE_LEARNING_RATE
 from jobs.settings import Settings
+from tests.conftest import api_client
 
 GOOD = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
 
@@ -24,7 +23,7 @@ def settings(tmp_path, database_url, tiny_model_dir):
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as c:
+    with api_client(settings) as c:
         yield c
 
 
@@ -302,7 +301,7 @@ def gpu_node(tmp_path, database_url):
                  num_attention_heads=40)
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[models],
                         gpu_memory_gib=[24] * 8)
-    with TestClient(create_app(settings)) as c:
+    with api_client(settings) as c:
         yield c, upload(c).json()["id"]
 
 
@@ -358,7 +357,7 @@ def test_with_no_gpus_declared_the_api_places_jobs_on_the_gpus_its_workers_regis
     llama_folder(models, "llama-13b", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                  num_attention_heads=40)
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[models])
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
         body = {"model": "llama-13b", "training_file": upload(client).json()["id"], "hyperparameters": PAPER}
         assert client.post("/v1/estimates", json=body).json()["device"] == "cpu"  # no GPU node known yet
         with database(database_url).session() as s:  # what `lomo worker` does at start on two nodes

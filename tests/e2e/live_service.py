@@ -40,6 +40,15 @@ class LiveService:
     processes: list[subprocess.Popen] = field(default_factory=list)
     database_url: str | None = None
 
+    @property
+    def api_key(self) -> str:
+        """The local admin's key, which `lomo serve` wrote at its first start."""
+        return (self.data_dir / "admin-key").read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
     def log_tail(self, chars: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in self.logs if p.exists())
 

@@ -12,15 +12,21 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from api.app import create_app
 from jobs import lifecycle
 from jobs.db import database
 from jobs.queue import enqueue
 from jobs.schemas import JobCreate
 from jobs.settings import Settings
-from tests.conftest import INSTRUCT, REDIS_URL, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.conftest import (
+    INSTRUCT,
+    REDIS_URL,
+    STORIES,
+    create_postgres_database,
+    drop_postgres_database,
+    need_shared,
+    open_api_client,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"max_steps": 4, "batch_size": 4, "max_seq_len": 128, "lr": 5e-3, "validation_split": 0.02,
@@ -30,8 +36,7 @@ SMALL = {"max_steps": 4, "batch_size": 4, "max_seq_len": 128, "lr": 5e-3, "valid
 class Service:
     def __init__(self, settings: Settings, worker: subprocess.Popen, log: Path) -> None:
         self.settings, self.worker, self.log = settings, worker, log
-        self.api = TestClient(create_app(settings))
-        self.api.__enter__()
+        self.api = open_api_client(settings)
         self.file_id = self.api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
 
     def submit(self, **fields) -> str:

@@ -36,10 +36,12 @@ class Service:
     home: Path
     log: Path
     train: Path  # a valid 8-record training file
+    api_key: str
 
     def lomo(self, *args: str, env: dict[str, str] | None = None):
-        """Run `lomo ARGS` in-process against this service (LOMO_URL), with an empty config file."""
-        full_env = {"LOMO_URL": self.url, "LOMO_API_KEY": None, "LOMO_CONFIG": str(self.home / "empty.toml")}
+        """Run `lomo ARGS` in-process against this service (LOMO_URL, LOMO_API_KEY), with an empty config file."""
+        full_env = {"LOMO_URL": self.url, "LOMO_API_KEY": self.api_key, "LOMO_CONFIG": str(self.home / "empty.toml"),
+                    "LOMO_DATA_DIR": str(self.home / "elsewhere")}
         full_env.update(env or {})
         return CliRunner().invoke(app, list(args), env=full_env)
 
@@ -57,7 +59,7 @@ def service(tmp_path_factory):
     train = home / "train.jsonl"
     train.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in RECORDS))
     live = start_service("embedded", home, cancel_grace_s="2")
-    yield Service(live.url, home, live.logs[-1], train)
+    yield Service(live.url, home, live.logs[-1], train, live.api_key)
     live.stop()
 
 
@@ -226,6 +228,15 @@ def test_the_url_and_key_come_from_option_env_then_file(tmp_path):
     LomoClient("http://x", api_key="secret", transport=transport).list_files()
     LomoClient("http://x", transport=transport).list_files()
     assert seen == ["Bearer secret", None]
+    # with no key from anywhere else: the one a service on this machine wrote at its first start
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    local = {"LOMO_CONFIG": str(empty), "LOMO_DATA_DIR": str(tmp_path / "var")}
+    assert resolve(env=local).api_key is None
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "admin-key").write_text("lomo-key_0123456789abcdef-secret\n")
+    assert resolve(env=local).api_key == "lomo-key_0123456789abcdef-secret"
+    assert resolve(env={**local, "LOMO_API_KEY": "from-env"}).api_key == "from-env"
 
 
 def test_a_2x2_sweep_submits_4_tagged_jobs(service, tmp_path):

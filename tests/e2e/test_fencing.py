@@ -31,11 +31,18 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 from sqlalchemy import select, text
 
-from api.app import create_app
 from jobs.db import database
 from jobs.models import Job, MetricPoint
 from jobs.settings import Settings
-from tests.conftest import INSTRUCT, REDIS_URL, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.conftest import (
+    INSTRUCT,
+    REDIS_URL,
+    STORIES,
+    create_postgres_database,
+    drop_postgres_database,
+    need_shared,
+    open_api_client,
+)
 from tests.e2e.test_scheduling import training_pids
 from tests.e2e.test_worker_loss import JOB, ROOT, _alive, _claimed_by, wait
 
@@ -137,8 +144,7 @@ def cluster(tmp_path_factory):
     settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=url, broker_url=REDIS_URL,
                         queue=env["LOMO_QUEUE"])
     settings.data_dir.mkdir(parents=True)
-    api = TestClient(create_app(settings))
-    api.__enter__()
+    api = open_api_client(settings)
     c = Cluster(api, settings, env, tmp)
     try:
         c.spawn("node-a")

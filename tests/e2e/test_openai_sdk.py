@@ -30,7 +30,7 @@ SMALL = {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 0.5, "max_s
 def sdk(request, tmp_path_factory):
     need_shared(STORIES)
     service = start_service(request.param, tmp_path_factory.mktemp(request.param.replace("+", "-")))
-    client = openai.OpenAI(base_url=service.url + "/v1", api_key="unused-until-keys-arrive", max_retries=2)
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=service.api_key, max_retries=2)
     yield client, service
     client.close()
     service.stop()

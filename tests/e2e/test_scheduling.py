@@ -18,15 +18,21 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.app import create_app
 from jobs.db import database
 from jobs.migrate import upgrade
 from jobs.models import GpuLease, Job
 from jobs.settings import Settings
-from tests.conftest import INSTRUCT, REDIS_URL, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.conftest import (
+    INSTRUCT,
+    REDIS_URL,
+    STORIES,
+    create_postgres_database,
+    drop_postgres_database,
+    need_shared,
+    open_api_client,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"max_steps": 2, "batch_size": 2, "max_seq_len": 64, "lr": 1e-3}
@@ -61,8 +67,7 @@ def node(tmp_path):
     settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=url, broker_url=REDIS_URL,
                         queue=env["LOMO_QUEUE"], gpu_memory_gib=[24, 24, 24], device="cpu")
     settings.data_dir.mkdir(parents=True)
-    api = TestClient(create_app(settings))
-    api.__enter__()
+    api = open_api_client(settings)
     workers: list[subprocess.Popen] = []
 
     def start_workers() -> None:

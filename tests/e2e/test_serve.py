@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -35,15 +36,23 @@ def test_serve_runs_a_job_with_zero_configuration(tmp_path):
         server = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port)], cwd=tmp_path,
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        client = LomoClient(f"http://127.0.0.1:{port}")
+        anonymous = LomoClient(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 60
         while True:
             try:
-                if client._http.get("/health").json()["embedded"]:
+                if anonymous._http.get("/health").json()["embedded"]:
                     break
             except httpx.TransportError:
                 assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.3)
+        # nothing is open without a key: the first start made the local admin's, for its owner only
+        with pytest.raises(ApiError) as refused:
+            anonymous.list_jobs()
+        assert refused.value.status == 401
+        key_file = tmp_path / "var" / "admin-key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert str(key_file) in log.read_text() and key_file.read_text().strip() not in log.read_text()
+        client = LomoClient(f"http://127.0.0.1:{port}", api_key=key_file.read_text().strip())
         with pytest.raises(ApiError) as refused:
             client.create_job(str(STORIES), "file-none")
         assert refused.value.status == 422 and refused.value.param == "training_file"

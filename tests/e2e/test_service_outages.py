@@ -15,11 +15,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 
-from api.app import create_app
 from jobs.settings import Settings
-from tests.conftest import INSTRUCT, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.conftest import (
+    INSTRUCT,
+    STORIES,
+    create_postgres_database,
+    drop_postgres_database,
+    need_shared,
+    open_api_client,
+)
 from tests.e2e.live_service import ROOT, free_port
 from tests.e2e.test_worker_loss import running_workers, stop_workers, wait
 
@@ -61,8 +66,7 @@ def node(tmp_path):
                         queue=env["LOMO_QUEUE"])
     settings.data_dir.mkdir(parents=True)
     workers = running_workers(tmp_path, env, ["node-a"])
-    api = TestClient(create_app(settings))
-    api.__enter__()
+    api = open_api_client(settings)
     yield api, broker, workers["node-a"]
     api.__exit__(None, None, None)
     stop_workers([workers["node-a"][0]])
@@ -114,7 +118,7 @@ def test_restarting_the_api_loses_nothing_and_the_worker_goes_on(tmp_path):
 
     service = start_service("postgres+redis", tmp_path)
     try:
-        client = httpx.Client(base_url=service.url, timeout=30)
+        client = httpx.Client(base_url=service.url, timeout=30, headers=service.headers)
         file_id = client.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())},
                               data={"purpose": "fine-tune"}).json()["id"]
         body = {"model": "stories260K", "training_file": file_id,

@@ -15,12 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from api.app import create_app
 from jobs.settings import Settings
-from tests.conftest import INSTRUCT, REDIS_URL, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.conftest import (
+    INSTRUCT,
+    REDIS_URL,
+    STORIES,
+    create_postgres_database,
+    drop_postgres_database,
+    need_shared,
+    open_api_client,
+)
 from tests.e2e.test_scheduling import training_pids
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +74,7 @@ def cluster(tmp_path):
                         queue=env["LOMO_QUEUE"])
     settings.data_dir.mkdir(parents=True)
     workers = running_workers(tmp_path, env, ["node-a", "node-b"])
-    api = TestClient(create_app(settings))
-    api.__enter__()
+    api = open_api_client(settings)
     yield api, settings, workers
     api.__exit__(None, None, None)
     stop_workers([process for process, _log in workers.values()])

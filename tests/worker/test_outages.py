@@ -9,15 +9,19 @@ import threading
 import time
 from pathlib import Path
 
-from fastapi.testclient import TestClient
-
-from api.app import create_app
 from jobs import lifecycle
 from jobs.db import close_database, database
 from jobs.migrate import upgrade
 from jobs.models import GpuLease, Job, JobEvent, MetricPoint
 from jobs.settings import Settings
-from tests.conftest import INSTRUCT, STORIES, create_postgres_database, drop_postgres_database, need_shared
+from tests.conftest import (
+    INSTRUCT,
+    STORIES,
+    create_postgres_database,
+    drop_postgres_database,
+    need_shared,
+    open_api_client,
+)
 from tests.worker.test_supervisor import job_row, submit
 from worker.app import wake_idle
 from worker.supervisor import JobRunner
@@ -35,7 +39,7 @@ def test_postgres_stopped_and_started_during_a_job_loses_no_metric_point(tmp_pat
     upgrade(url)
     settings = Settings(data_dir=tmp_path / "var", database_url=url, flush_interval_s=0.2, device="cpu")
     db = database(url)
-    api = TestClient(create_app(settings), raise_server_exceptions=False)
+    api = open_api_client(settings, raise_server_exceptions=False)
     steps = 200
     job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=steps, batch_size=4,
                     max_seq_len=64, lr=5e-3)

@@ -41,7 +41,7 @@ def bootstrap_admin_key(settings: Settings, db) -> None:
         f.write(made.secret + "\n")
     os.chmod(path, 0o600)
     log.warning("first start: user %r is the admin; its API key (%s) is in %s (readable by its owner only)",
-                settings.default_user, made.key.id, path)
+                settings.default_user, made.key.id, path.resolve())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

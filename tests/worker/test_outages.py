@@ -109,3 +109,39 @@ def test_the_watch_wakes_one_worker_per_free_gpu_while_jobs_are_queued(tmp_path,
     assert wake_idle(cpu, db, slots=2) == 1 and wake_idle(cpu, db, slots=1) == 0
     with db.session() as s:
         assert s.get(Job, first).claimed_by == "node-a:1"
+
+
+def test_after_the_database_was_unreachable_recovery_waits_a_heartbeat_timeout(tmp_path, monkeypatch):
+    """After an outage every heartbeat is as old as the outage: the watch takes no job for lost until the
+    live workers have had a heartbeat timeout to write theirs."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker import app as worker_app
+
+    url = f"sqlite:///{tmp_path / 'lomo.db'}"
+    upgrade(url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=url, heartbeat_timeout_s=1.0)
+    looked: list[float] = []
+    failed: list[float] = []
+
+    def recover(_db, _settings):
+        looked.append(time.monotonic())
+        return []
+
+    def wake(_settings, _db, _slots):
+        if len(failed) < 2:  # the database is away for the first two rounds
+            failed.append(time.monotonic())
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return 0
+
+    monkeypatch.setattr(worker_app, "recover_lost", recover)
+    monkeypatch.setattr(worker_app, "wake_idle", wake)
+    stop = threading.Event()
+    watch = threading.Thread(target=worker_app.watch_the_queue, args=(settings, 1, stop))
+    watch.start()
+    time.sleep(2.5)
+    stop.set()
+    watch.join(5)
+    assert len(failed) == 2 and looked
+    assert all(moment < failed[0] or moment - failed[-1] >= settings.heartbeat_timeout_s for moment in looked)
+    assert looked[-1] > failed[-1]  # and it looks again once that time has passed

@@ -19,8 +19,8 @@ GPUs will be free: each checkpoints at its next step, frees its GPUs and goes ba
 after it has run ``LOMO_PREEMPT_MIN_RUN_S`` since its last start, so it always makes progress; nothing
 is preempted when even all eligible jobs would not free enough; one preemption at a time per waiting job
 (its row is locked while it is decided); and while it is under way the freed GPUs are held for the job
-it makes room for (no backfill takes them). A preempted job keeps its place in the queue: it resumes
-before the jobs of its priority that came after it.
+it makes room for on the node whose jobs pause (no backfill takes them there). A preempted job keeps its
+place in the queue: it resumes before the jobs of its priority that came after it.
 
 Choosing, claiming and leasing happen in one transaction: the conditional ``UPDATE ... WHERE
 status='queued'`` claims the job, the lease rows take the devices (a partial unique index refuses a
@@ -143,10 +143,14 @@ def queue_snapshot(session: Session) -> list[Waiting]:
             for id, need, bypassed, predicted, priority in rows]
 
 
-def preemptions_under_way(session: Session) -> frozenset[str]:
-    """The queued jobs that running jobs are pausing for (their GPUs are held for them)."""
-    return frozenset(session.scalars(select(Job.preempted_by).where(Job.status == JobStatus.PAUSING.value,
-                                                                    Job.preempted_by.is_not(None))))
+def preemptions_under_way(session: Session, node: str | None = None) -> frozenset[str]:
+    """The queued jobs that running jobs are pausing for (on ``node``, when given: the GPUs of that node
+    are held for them, not those of the others)."""
+    query = select(Job.preempted_by).where(Job.status == JobStatus.PAUSING.value, Job.preempted_by.is_not(None))
+    if node is not None:
+        query = query.where(Job.id.in_(select(GpuLease.job_id).where(GpuLease.node == node,
+                                                                     GpuLease.released_at.is_(None))))
+    return frozenset(session.scalars(query))
 
 
 def running_on(session: Session, node: str) -> list[Running]:
@@ -197,7 +201,7 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
     taken = leases.leased_devices(session, node) if node_size is not None else {}
     free = [i for i in range(node_size) if i not in taken] if node_size is not None else None
     queue = queue_snapshot(session)
-    reserved = preemptions_under_way(session)
+    reserved = preemptions_under_way(session, node)
     choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit, device_bytes,
                     reserved)
     if choice.job_id is None and free is not None and preempt_min_run_s is not None:

@@ -217,6 +217,9 @@ def test_a_waiting_job_of_higher_priority_preempts_once_and_the_preempted_one_re
         said = [e.message for e in s.query(JobEvent).filter_by(job_id=low)]
     assert any(m.startswith(f"preempted by {high} (priority 5 over 0)") for m in said)
     assert scheduler.start_next(db, "node-a", 2, "w", 4, preempt_min_run_s=0) is None  # under way: no more
+    with db.session() as s:  # the GPUs held for high are node-a's, whose jobs pause for it; not another node's
+        assert scheduler.preemptions_under_way(s, "node-a") == {high} == scheduler.preemptions_under_way(s)
+        assert scheduler.preemptions_under_way(s, "node-b") == frozenset()
 
     # low pauses: back in the queue, not paused; its GPU is held for high (no backfill by low itself)
     with db.session() as s:

@@ -68,28 +68,40 @@ def _train_records(metrics: Path) -> dict[int, float]:
     return found
 
 
-def _numbers(text: str, kind: type) -> list:
-    return [kind(part) for part in text.split(",") if part.strip()]
+def _numbers(kind: type):
+    """An argparse type: a comma-separated list of positive numbers of ``kind``."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive {kind.__name__}s, got {text!r}")
+        return values
+    return parse
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=5, help="kills per checkpoint interval and timeout")
-    parser.add_argument("--timeout", default="4", help="LOMO_HEARTBEAT_TIMEOUT_S, or a comma-separated list")
-    parser.add_argument("--save-every", default="10", help="the checkpoint interval, or a comma-separated list")
+    parser.add_argument("--timeout", type=_numbers(float), default=[4.0],
+                        help="LOMO_HEARTBEAT_TIMEOUT_S, or a comma-separated list")
+    parser.add_argument("--save-every", type=_numbers(int), default=[10],
+                        help="the checkpoint interval, or a comma-separated list")
     parser.add_argument("--seed", type=int, default=0, help="of the steps the kills land at")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     rows = []
-    for timeout in _numbers(args.timeout, float):
-        for save_every in _numbers(args.save_every, int):
+    for timeout in args.timeout:
+        for save_every in args.save_every:
             rows += [(timeout, save_every, *row) for row in _trials(args.kills, timeout, save_every, rng)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     report = [
         "# Recovery after a lost worker", "",
-        f"Commit {commit.strip()}; `benchmarks/bench_recovery.py --kills {args.kills} --timeout {args.timeout} "
-        f"--save-every {args.save_every} --seed {args.seed}` on 2 CPU cores, Postgres + Redis, two `lomo worker`s, "
+        f"Commit {commit.strip()}; `benchmarks/bench_recovery.py --kills {args.kills} --timeout "
+        f"{','.join(f'{t:g}' for t in args.timeout)} --save-every {','.join(map(str, args.save_every))} "
+        f"--seed {args.seed}` on 2 CPU cores, Postgres + Redis, two `lomo worker`s, "
         "stories260K; each kill at a random step after the first checkpoint.", "",
         "| heartbeat timeout (s) | checkpoint every | kill | job down (s) | step at the kill | resumed from "
         "| steps done again | seconds done again |",

@@ -441,28 +441,18 @@ def _at_checkpoint(run: Run, callback: CheckpointCallback | None, sink: MetricSi
         _set_rng_state(rng)
 
 
-def _time_to_save(run: Run, last_save: float) -> bool:
-    """``save_every_minutes`` (without ``save_every``): a checkpoint is due; on several ranks, when it is
-    due on any of them, so that all save together."""
-    minutes = run.config.save_every_minutes
-    if not minutes or run.config.save_every:
-        return False
-    due = time.perf_counter() - last_save >= minutes * 60
-    if run.ranks.distributed:
+def _due(run: Run, last_save: float, should_pause: Callable[[], bool] | None) -> tuple[bool, bool]:
+    """After a step: (a ``save_every_minutes`` checkpoint is due, a pause was asked). On several ranks
+    each is true when it is on any rank, so that all save and stop together; one all-reduce carries
+    both, and none is made when neither can be asked for."""
+    minutes = run.config.save_every_minutes if not run.config.save_every else None
+    timed = bool(minutes) and time.perf_counter() - last_save >= minutes * 60
+    pause = should_pause is not None and run.position.step < run.total_steps and bool(should_pause())
+    if run.ranks.distributed and (minutes or should_pause is not None):
         from lomo_core.zero3.runtime import all_reduce_sum
 
-        due = all_reduce_sum([float(due)], run.device)[0] > 0
-    return due
-
-
-def _pause_due(run: Run, should_pause: Callable[[], bool]) -> bool:
-    """A pause was asked; on several ranks, when any rank saw it, so that all checkpoint and stop together."""
-    due = bool(should_pause())
-    if run.ranks.distributed:
-        from lomo_core.zero3.runtime import all_reduce_sum
-
-        due = all_reduce_sum([float(due)], run.device)[0] > 0
-    return due
+        timed, pause = (flag > 0 for flag in all_reduce_sum([float(timed), float(pause)], run.device))
+    return timed, pause
 
 
 def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = None,
@@ -513,12 +503,13 @@ def fit(run: Run, sink: MetricSink, on_checkpoint: CheckpointCallback | None = N
                 val_loss = validation_loss(run)
                 sink.write("val", pos.step, {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50))})
             saved = None
-            if (config.save_every and pos.step % config.save_every == 0) or _time_to_save(run, last_save):
+            timed, pause = _due(run, last_save, should_pause)
+            if (config.save_every and pos.step % config.save_every == 0) or timed:
                 saved = save_checkpoint(run)
                 sink.write("checkpoint", pos.step, {"path": str(saved)})
                 _at_checkpoint(run, on_checkpoint, sink)
                 last_save = time.perf_counter()
-            if should_pause is not None and pos.step < run.total_steps and _pause_due(run, should_pause):
+            if pause:
                 if saved is None:
                     saved = save_checkpoint(run)
                     sink.write("checkpoint", pos.step, {"path": str(saved), "pause": True})

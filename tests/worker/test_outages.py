@@ -22,9 +22,8 @@ from tests.conftest import (
     need_shared,
     open_api_client,
 )
-from tests.worker.test_supervisor import job_row, submit
+from tests.worker.test_supervisor import job_row, run_until_step, submit
 from worker.app import wake_idle
-from worker.supervisor import JobRunner
 
 
 def postgres(action: str) -> None:
@@ -43,15 +42,9 @@ def test_postgres_stopped_and_started_during_a_job_loses_no_metric_point(tmp_pat
     steps = 200
     job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=steps, batch_size=4,
                     max_seq_len=64, lr=5e-3)
-    outcome: list[str] = []
-    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(job_id, poll=False)))
-    thread.start()
     metrics = settings.data_dir / "jobs" / job_id / "metrics.jsonl"
+    thread, outcome = run_until_step(settings, db, job_id, 5)
     try:
-        deadline = time.monotonic() + 120
-        while job_row(db, job_id).step < 5:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
         postgres("stop")
         try:
             logged = len(metrics.read_text().splitlines())

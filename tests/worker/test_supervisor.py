@@ -394,6 +394,19 @@ def test_a_resume_never_uses_a_checkpoint_whose_write_was_cut_short(tmp_path):
     assert _latest_complete_checkpoint(tmp_path) == root / "step-000010"
 
 
+def run_until_step(settings, db, job_id: str, step: int) -> tuple[threading.Thread, list[str]]:
+    """``JobRunner.run`` of ``job_id`` in a thread, once the job has reported ``step``; (the thread, the list
+    its result lands in)."""
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(job_id, poll=False)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while job_row(db, job_id).step < step:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    return thread, outcome
+
+
 _UNINTERRUPTED: dict[str, dict[str, torch.Tensor]] = {}
 
 
@@ -424,13 +437,7 @@ def test_pause_then_resume_equals_an_uninterrupted_run_and_frees_the_gpus(env, t
     if ranks > 1:
         hyper["gpus"] = ranks
     paused_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
-    outcome: list[str] = []
-    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(paused_id, poll=False)))
-    thread.start()
-    deadline = time.monotonic() + 120
-    while job_row(db, paused_id).step < 3:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    thread, outcome = run_until_step(settings, db, paused_id, 3)
     with db.session() as s:
         assert lifecycle.pause_job(s, "ann", paused_id).status == "pausing"
     thread.join(timeout=120)
@@ -468,13 +475,7 @@ def test_a_job_of_higher_priority_preempts_a_lower_one_which_resumes_to_the_same
                                            "preempt_min_run_s": 0})
     hyper = {"max_steps": 120, "batch_size": 4, "max_seq_len": 64, "lr": 5e-3}
     low = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), **hyper)
-    outcome: list[str] = []
-    thread = threading.Thread(target=lambda: outcome.append(JobRunner(settings, db).run(low, poll=False)))
-    thread.start()
-    deadline = time.monotonic() + 120
-    while job_row(db, low).step < 3:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    thread, outcome = run_until_step(settings, db, low, 3)
     high = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), priority=5, max_steps=4,
                   batch_size=4, max_seq_len=64, lr=5e-3)
     # the node's only GPU is low's: the high job's wake-up preempts it, and waits for the GPU

@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from jobs.db import Database
-from jobs.errors import Unauthorized
+from jobs.errors import Forbidden, InvalidRequest, NotFound, Problem, Unauthorized
 from jobs.settings import Settings
 
 log = logging.getLogger("lomo.api")
@@ -37,10 +37,37 @@ def get_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Sess
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sends the request: the owner of what it creates and the only one who sees it."""
+    """Who sends the request: the owner of what it creates and the only one who sees it (or an admin, who
+    sees and acts on every user's)."""
 
     user_id: str
     is_admin: bool = False
+
+    @property
+    def scope(self) -> str | None:
+        """Whose rows the request may read and act on, as the jobs layer takes it: the caller's own, or
+        every user's (None) for an admin."""
+        return None if self.is_admin else self.user_id
+
+    def listing(self, session: Session, user: str | None) -> str | None:
+        """Whose rows a list shows: an admin's lists show every user's, or those of ``user`` (a name or
+        an id); a user's lists show their own, and ``user`` may only name themselves."""
+        if user is None:
+            return self.scope
+        from jobs import users
+
+        try:
+            found = users.get_user(session, user).id
+        except NotFound:
+            found = None
+        if self.is_admin:
+            if found is None:
+                raise InvalidRequest([Problem("user", f"no user named {user[:100]!r}")])
+            return found
+        if found != self.user_id:
+            raise Forbidden("only admins list other users' objects; leave out 'user' for your own",
+                            param="user")
+        return self.user_id
 
 
 def get_caller(request: Request, db: Annotated[Database, Depends(get_database)]) -> Caller:
@@ -66,7 +93,15 @@ def get_caller(request: Request, db: Annotated[Database, Depends(get_database)])
         return Caller(user.id, bool(user.is_admin))
 
 
+def get_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    """The caller of an admin's route (``/v1/admin/...``): a user's key is a 403."""
+    if not caller.is_admin:
+        raise Forbidden("this route is for admins (lomo users create NAME --admin)")
+    return caller
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 CallerDep = Annotated[Caller, Depends(get_caller)]
+AdminDep = Annotated[Caller, Depends(get_admin)]

@@ -1,11 +1,11 @@
 """One error shape for every answer that is not a success: ``{"error": {"message", "type", "code",
 "param", "details"}}`` (OpenAI's, with ``details`` listing every problem and its field or line).
 
-401 without a valid API key, 422 for input that is wrong (the field or the line named), 404 for unknown
-ids (and another user's), 409 for a request that
-conflicts with a job's state, 413 for an upload over the limit, 503 (with Retry-After) while the database
-cannot be reached. Anything a client sends gets one of these, not a 500; a 500 is a bug of ours and says
-only its exception's type.
+401 without a valid API key, 403 for a route of admins, 422 for input that is wrong (the field or the line
+named), 404 for unknown ids (and another user's), 409 for a request that conflicts with a job's state,
+413 for an upload over the limit, 429 over a quota (the limit, its value and the use named), 503 (with
+Retry-After) while the database cannot be reached. Anything a client sends gets one of these, not a
+500; a 500 is a bug of ours and says only its exception's type.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ log = logging.getLogger("lomo.api")
 ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
                                            422: {"model": ErrorResponse}}
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorResponse}}
+FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"model": ErrorResponse}}
+OVER_QUOTA: dict[int | str, dict[str, Any]] = {429: {"model": ErrorResponse}}
 TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {"model": ErrorResponse}}
 
 
@@ -71,6 +73,22 @@ async def _unauthorized(_request: Request, exc: errors.Unauthorized) -> JSONResp
     return response
 
 
+async def _forbidden(_request: Request, exc: errors.Forbidden) -> JSONResponse:
+    response = error_response(403, str(exc), exc.code, exc.param, kind="permission_error")
+    response.headers["x-should-retry"] = "false"
+    return response
+
+
+async def _over_quota(_request: Request, exc: errors.QuotaExceeded) -> JSONResponse:
+    # Not to be retried by the SDK (it retries a 429 by default): the use falls only when jobs end or
+    # files are deleted, and the message says which.
+    response = error_response(429, str(exc), "quota_exceeded", exc.quota,
+                              [{"param": exc.quota, "message": str(exc), "limit": exc.limit, "used": exc.used}],
+                              kind="quota_error")
+    response.headers["x-should-retry"] = "false"
+    return response
+
+
 async def _conflict(_request: Request, exc: errors.Conflict) -> JSONResponse:
     # The openai SDK retries a 409 on its own unless told not to: a state conflict does not pass by retrying.
     response = error_response(409, str(exc), exc.code)
@@ -107,6 +125,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.NotFound, _not_found)
     app.add_exception_handler(errors.Conflict, _conflict)
     app.add_exception_handler(errors.Unauthorized, _unauthorized)
+    app.add_exception_handler(errors.Forbidden, _forbidden)
+    app.add_exception_handler(errors.QuotaExceeded, _over_quota)
     app.add_exception_handler(StarletteHTTPException, _http)
     for unreachable in UNREACHABLE:
         app.add_exception_handler(unreachable, _unreachable)

@@ -13,6 +13,8 @@ class ErrorDetail(BaseModel):
     param: str | None = None
     message: str
     line: int | None = None
+    limit: float | None = None  # a quota's value (429)
+    used: float | None = None  # the caller's use of it (429)
 
 
 class ErrorBody(BaseModel):
@@ -238,3 +240,67 @@ class ModelDeleted(BaseModel):
     id: str
     object: Literal["model"] = "model"
     deleted: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- users (admins)
+class ApiKeyObject(BaseModel):
+    """An API key as lists show it: its public id, never its secret."""
+
+    object: Literal["api_key"] = "api_key"
+    id: str
+    user: str
+    name: str | None = None
+    created_at: int
+    last_used_at: int | None = None
+    revoked_at: int | None = None
+
+
+class NewApiKey(ApiKeyObject):
+    """A key just made: ``key`` is the whole key, shown this once (only its hash is kept)."""
+
+    key: str
+
+
+class UserObject(BaseModel):
+    object: Literal["user"] = "user"
+    id: str
+    name: str
+    is_admin: bool
+    disabled: bool
+    created_at: int
+    api_keys: int = Field(description="keys not revoked")
+    quotas: dict[str, float | None] = Field(description="the user's limits (the deployment's defaults with the "
+                                                        "admin's overrides); null: no limit")
+    overrides: dict[str, float | None] = Field(default_factory=dict, description="the admin's overrides")
+    usage: dict[str, float] = Field(description="what the user uses of each quota now")
+
+
+class NewUser(UserObject):
+    api_key: NewApiKey
+
+
+class UserList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UserObject]
+    has_more: bool = False
+
+
+class ApiKeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKeyObject]
+    has_more: bool = False
+
+
+class RegisteredModelObject(BaseModel):
+    """A base model an admin registered by name (the folder's path is never shown)."""
+
+    object: Literal["registered_model"] = "registered_model"
+    id: str
+    created_at: int
+    registered_by: str
+
+
+class RegisteredModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RegisteredModelObject]
+    has_more: bool = False

@@ -136,7 +136,8 @@ def _trials(kills: int, timeout: float, save_every: int, rng: random.Random) -> 
     url = create_postgres_database()
     env = {**os.environ, "LOMO_DATA_DIR": str(tmp / "var"), "LOMO_QUEUE": f"lomo-bench-{uuid.uuid4().hex[:8]}",
            "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.2",
-           "LOMO_DEVICE": "cpu", "LOMO_HEARTBEAT_TIMEOUT_S": str(timeout), "LOMO_REQUEUE_DELAY_S": "1"}
+           "LOMO_DEVICE": "cpu", "LOMO_HEARTBEAT_TIMEOUT_S": str(timeout), "LOMO_REQUEUE_DELAY_S": "1",
+           "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)])}
     settings = Settings(data_dir=tmp / "var", database_url=url, broker_url=REDIS_URL, queue=env["LOMO_QUEUE"])
     settings.data_dir.mkdir(parents=True)
     workers = {name: start_worker(env, name, tmp / f"{name}.log") for name in ("node-a", "node-b")}
@@ -148,7 +149,7 @@ def _trials(kills: int, timeout: float, save_every: int, rng: random.Random) -> 
             file_id = api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
             for kill in range(kills):
                 at = rng.randint(save_every + 1, 3 * save_every)
-                body = {"model": str(STORIES), "training_file": file_id, "seed": kill,
+                body = {"model": STORIES.name, "training_file": file_id, "seed": kill,
                         "hyperparameters": {"max_steps": 3 * save_every + 100, "batch_size": 4, "max_seq_len": 64,
                                             "lr": 5e-3, "save_every": save_every}}
                 job_id = api.post("/v1/fine_tuning/jobs", json=body).json()["id"]

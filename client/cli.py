@@ -1261,6 +1261,21 @@ def models_list(url: UrlOption = None, api_key: KeyOption = None, as_json: JsonO
     out.print(table)
 
 
+@models_app.command("register")
+def models_register(
+    name: str = typer.Argument(..., metavar="NAME", help="what jobs will name it (\"model\": NAME)"),
+    path: Path = typer.Argument(..., metavar="FOLDER", help="a model folder (with config.json) on the service's host"),
+    url: UrlOption = None, api_key: KeyOption = None, as_json: JsonOption = False,
+) -> None:
+    """Register a base model folder by name (admins): jobs name it, never its path."""
+    with _connect(url, api_key) as client:
+        made = client.register_model(name, path.expanduser().absolute())
+    if as_json:
+        _print_json(made)
+    else:
+        out.print(f"registered {_text(made['id'])}: jobs may now name it")
+
+
 @models_app.command("download")
 def models_download(
     name: str = typer.Argument(..., help="a model's name, e.g. ft:stories260K:demo:<job id>"),
@@ -1285,6 +1300,24 @@ def models_download(
     else:
         out.print(f"downloaded {_text(name)} to {_text(where)}")
 
+
+
+@app.command()
+def whoami(url: UrlOption = None, api_key: KeyOption = None, as_json: JsonOption = False) -> None:
+    """Who the API key is: the user, their quotas and what they use of them."""
+    with _connect(url, api_key) as client:
+        me = client.me()
+    if as_json:
+        _print_json(me)
+        return
+    out.print(f"{_text(me['name'])} ({_text(me['id'])}){' - admin' if me['is_admin'] else ''}")
+    table = _table()
+    for column in ("quota", "used", "limit"):
+        table.add_column(column, justify="left" if column == "quota" else "right")
+    for quota, limit in me["quotas"].items():
+        used = me["usage"].get(quota, 0)
+        table.add_row(quota, f"{used:g}", "no limit" if limit is None else f"{limit:g}")
+    out.print(table)
 
 
 @app.command()

@@ -207,6 +207,14 @@ class LomoClient:
 
         return self._call("GET", f"/v1/models/{quote(name, safe=':')}")
 
+    def register_model(self, name: str, path: str | Path) -> dict[str, Any]:
+        """``POST /v1/admin/models`` (admins): register a model folder of the service's host by name."""
+        return self._call("POST", "/v1/admin/models", json={"name": name, "path": str(path)})
+
+    def me(self) -> dict[str, Any]:
+        """``GET /v1/me``: the key's user, their quotas and what they use of them."""
+        return self._call("GET", "/v1/me")
+
     def delete_model(self, name: str) -> dict[str, Any]:
         """Delete one of your fine-tuned models (its files and checkpoints; the job stays)."""
         from urllib.parse import quote

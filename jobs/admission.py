@@ -129,10 +129,11 @@ def checked_request(session: Session, settings: Settings, owner: str, request: J
         problems.append(Problem("model", str(e)))
     else:
         if model is None:
-            known = catalog.registered_models(settings)
-            problems.append(Problem("model", f"{request.model!r} is neither a model folder (with config.json), a "
-                                             "registered model" + (f" ({', '.join(known)})" if known else "")
-                                             + ", nor one of your fine-tuned models (GET /v1/models lists them)"))
+            known = catalog.registered_models(settings, session)
+            shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            problems.append(Problem("model", f"{request.model[:200]!r} is neither a registered model"
+                                             + (f" ({shown})" if known else "")
+                                             + " nor one of your fine-tuned models (GET /v1/models lists them)"))
         elif (vocabulary := catalog.vocabulary_problem(model, repr(request.model))) is not None:
             problems.append(Problem("model", vocabulary))
     evals = checked_evals(session, settings, owner, request, problems)

@@ -1,8 +1,10 @@
 """Models a job may name, and the models this service lists and serves.
 
-A model reference is one of: the name of a sub-folder of one of ``settings.model_dirs`` (a registered
-base model), a model folder (path), or the name of a fine-tuned model or checkpoint of one of the
-caller's jobs (``ft:<base>:<suffix>:<job id>``, ``ft:<base>:<suffix>:<job id>:ckpt-step-<N>``).
+A model reference is a name, never a path: a registered base model (a sub-folder of one of
+``settings.model_dirs``, not a link out of it, or a folder an admin registered by name), or a fine-tuned
+model or checkpoint of one of the caller's jobs (``ft:<base>:<suffix>:<job id>``,
+``ft:<base>:<suffix>:<job id>:ckpt-step-<N>``). Paths are refused: a job could otherwise train on, or
+probe, any folder of the node, other users' fine-tuned models included.
 
 A fine-tuned model lives in ``<data_dir>/jobs/<job id>/model`` and its checkpoints in
 ``<data_dir>/jobs/<job id>/checkpoints/step-NNNNNN``; clients only ever see the names.
@@ -26,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from jobs.errors import Conflict, NotFound, ServiceError
-from jobs.models import Checkpoint, Job, utcnow
+from jobs.errors import Conflict, InvalidRequest, NotFound, Problem, ServiceError
+from jobs.models import Checkpoint, Job, RegisteredModel, owned, utcnow
 from jobs.settings import Settings
 from jobs.states import ACTIVE, JobStatus
 
@@ -46,42 +48,103 @@ class ModelNotDeletable(ServiceError):
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def resolve_model(settings: Settings, reference: str) -> Path | None:
-    """A model folder (path) or the name of a sub-folder of one of ``settings.model_dirs``."""
-    candidates = [Path(reference)] + [Path(root) / reference for root in settings.model_dirs]
-    for candidate in candidates:
-        try:
-            if (candidate / "config.json").is_file():
-                return candidate.resolve()
-        except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a model
-            continue
-    return None
+class OutsideTheRoots(UnusableModel):
+    """A registered name whose folder is a link leading out of its model folder."""
 
 
-def registered_folder(settings: Settings, name: str) -> Path | None:
-    """The folder of the registered model ``name`` (a sub-folder of one of ``settings.model_dirs``
-    with a config.json); None for anything else, paths included."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+def plain_name(name: str) -> bool:
+    """Whether ``name`` is a name (of a registered model), not a path: no '/', '\\', NUL, and not '.' or
+    '..' or hidden."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\x00")
+
+
+def registered_folder(settings: Settings, name: str, session: Session | None = None) -> Path | None:
+    """The folder of the registered model ``name``: a sub-folder of one of ``settings.model_dirs`` with a
+    config.json, or (with ``session``) a folder an admin registered by that name; None for anything else,
+    paths included. A sub-folder that is a link leading out of its model folder raises OutsideTheRoots."""
+    if not plain_name(name):
         return None
     for root in settings.model_dirs:
         candidate = Path(root) / name
         try:
-            if (candidate / "config.json").is_file():
-                return candidate.resolve()
-        except (OSError, ValueError):
+            if not (candidate / "config.json").is_file():
+                continue
+            folder, inside = candidate.resolve(), Path(root).resolve()
+        except (OSError, ValueError):  # a name too long for the file system: not a model
             continue
+        if not folder.is_relative_to(inside) or not (folder / "config.json").resolve().is_relative_to(inside):
+            raise OutsideTheRoots(f"{name!r} is a link that leads out of the deployment's model folders; ask an "
+                                  "admin to register that folder (POST /v1/admin/models)")
+        return folder
+    if session is not None:
+        row = session.get(RegisteredModel, name)
+        if row is not None and _is_model_folder(Path(row.path)):
+            return Path(row.path)
     return None
 
 
-def registered_models(settings: Settings) -> list[str]:
-    """The names of the registered models, in the order of ``model_dirs`` (a name once, as it resolves)."""
+def registered_models(settings: Settings, session: Session | None = None) -> list[str]:
+    """The names of the registered models: the sub-folders of ``model_dirs`` in their order (a name once,
+    as it resolves; links out of the folders left out), then (with ``session``) the admins' registrations."""
     names: list[str] = []
     for root in settings.model_dirs:
         if Path(root).is_dir():
             for name in sorted(p.name for p in Path(root).iterdir() if (p / "config.json").is_file()):
-                if name not in names:
+                try:
+                    usable = registered_folder(settings, name) is not None
+                except OutsideTheRoots:
+                    usable = False
+                if usable and name not in names:
                     names.append(name)
+    if session is not None:
+        names += [row.name for row in session.scalars(select(RegisteredModel).order_by(RegisteredModel.name))
+                  if row.name not in names and _is_model_folder(Path(row.path))]
     return names
+
+
+def register_model(session: Session, settings: Settings, admin: str, name: str, path: str) -> RegisteredModel:
+    """Register the folder ``path`` of this host (absolute, with a config.json, outside the data folder,
+    where the users' files and jobs are) as the base model ``name``. A name taken is a Conflict."""
+    problems = []
+    if not plain_name(name) or len(name) > 200:
+        problems.append(Problem("name", f"{name[:80]!r} is not a model name: up to 200 characters, no '/', "
+                                        "'\\' or NUL, not starting with '.'"))
+    elif parse_fine_tuned(name) is not None or name.startswith("ft:"):
+        problems.append(Problem("name", "names starting with 'ft:' are those of fine-tuned models"))
+    folder = Path(path)
+    if not folder.is_absolute():
+        problems.append(Problem("path", "must be an absolute path of a folder on the service's host"))
+    elif not _is_model_folder(folder):
+        problems.append(Problem("path", "is not a model folder: no config.json there (or it cannot be read)"))
+    elif folder.resolve().is_relative_to(settings.data_dir.resolve()):
+        problems.append(Problem("path", "is inside the service's data folder, where the users' files and jobs are"))
+    if problems:
+        raise InvalidRequest(problems)
+    taken = session.get(RegisteredModel, name) is not None
+    try:
+        taken = taken or registered_folder(settings, name) is not None
+    except OutsideTheRoots:
+        taken = True
+    if taken:
+        raise Conflict(f"a registered model named {name!r} exists already", code="model_exists")
+    row = RegisteredModel(name=name, path=str(folder.resolve()), registered_by=admin, created_at=utcnow())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def unregister_model(session: Session, name: str) -> RegisteredModel:
+    """Forget an admin's registration (the folder stays); the sub-folders of ``model_dirs`` are not
+    registrations and answer NotFound, as unknown names do."""
+    row = session.get(RegisteredModel, name)
+    if row is None:
+        raise NotFound("registered_model", name)
+    session.delete(row)
+    return row
+
+
+def registrations(session: Session) -> list[RegisteredModel]:
+    return list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.name)))
 
 
 def job_folder(settings: Settings, job_id: str) -> Path:
@@ -125,23 +188,27 @@ def _is_partitioned(folder: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- references
-def resolve_reference(session: Session, settings: Settings, owner: str, reference: str) -> Path | None:
-    """The folder a job's ``model`` names, or None when it names nothing ``owner`` may use.
+def resolve_reference(session: Session, settings: Settings, owner: str | None, reference: str) -> Path | None:
+    """The folder a job's ``model`` names, or None when it names nothing ``owner`` may use (any user's
+    models for None, an admin).
 
     A fine-tuned model's name resolves when its job is ``owner``'s, succeeded, saved a final model and
     the model was not deleted; a checkpoint's name when the job is ``owner``'s, has that checkpoint (not
     removed), the job's model was not deleted, and the folder is a Hugging Face model folder. Anything
-    else is a registered model's name or a model folder (``resolve_model``). Raises UnusableModel for a
-    model or checkpoint of ``owner`` that exists (or existed) but cannot be loaded, saying why."""
+    else must be a registered model's name (``registered_folder``): a path, absolute or relative, is
+    refused. Raises UnusableModel, saying why and what to name instead, for a path, a registered name
+    that leads out of the model folders, and a model or checkpoint of ``owner`` that exists (or existed)
+    but cannot be loaded."""
     parsed = parse_fine_tuned(reference)
     if parsed is None:
-        if _inside_data_dir(settings, reference):
-            raise UnusableModel("a path into the service's data folder is not a model reference: name a "
-                                "fine-tuned model or checkpoint (ft:...) of yours, or a registered model")
-        return resolve_model(settings, reference)
+        if not plain_name(reference):
+            raise UnusableModel("a job names its model, not a path: a registered model (GET /v1/models lists "
+                                "them; an admin registers a folder with POST /v1/admin/models) or one of your "
+                                "fine-tuned models or checkpoints (ft:...)")
+        return registered_folder(settings, reference, session)
     job_id, step = parsed
     job = session.get(Job, job_id)
-    if job is None or job.owner_id != owner:
+    if job is None or not owned(job.owner_id, owner):
         return None
     if step is None:
         if fine_tuned_name(job.model, job.suffix, job.id) != reference:
@@ -176,17 +243,6 @@ def resolve_reference(session: Session, settings: Settings, owner: str, referenc
                             "(ZeRO-3 shards, no config.json or weights): it can resume that job but is not a "
                             "model folder; name the job's fine-tuned model instead")
     raise UnusableModel(f"the files of checkpoint {reference} are gone from the service's data folder")
-
-
-def _inside_data_dir(settings: Settings, reference: str) -> bool:
-    """Whether a path reference leads into the data folder, where every user's jobs and files are (they
-    are reached by name, which checks who may see them)."""
-    if "/" not in reference and not reference.startswith("."):  # a name, not a path
-        return False
-    try:
-        return Path(reference).resolve().is_relative_to(settings.data_dir.resolve())
-    except (OSError, ValueError):
-        return False
 
 
 def _check_not_deleted(job: Job, reference: str) -> None:
@@ -299,33 +355,38 @@ def _fine_tuned_entry(job: Job) -> ModelEntry:
                       job_id=job.id)
 
 
-def list_models(session: Session, settings: Settings, owner: str) -> list[ModelEntry]:
-    """The registered base models (by name), then ``owner``'s fine-tuned models (oldest first)."""
+def list_models(session: Session, settings: Settings, owner: str | None) -> list[ModelEntry]:
+    """The registered base models (by name), then ``owner``'s fine-tuned models (every user's for None),
+    oldest first."""
     entries = []
-    for name in registered_models(settings):
-        folder = registered_folder(settings, name)
+    for name in registered_models(settings, session):
+        folder = registered_folder(settings, name, session)
         if folder is not None:
             entries.append(ModelEntry(id=name, created=_mtime(folder), owned_by="system"))
-    jobs = session.scalars(
-        select(Job).where(Job.owner_id == owner, Job.status == JobStatus.SUCCEEDED.value,
-                          Job.fine_tuned_model.is_not(None), Job.model_deleted_at.is_(None))
-        .order_by(Job.finished_at, Job.id))
+    query = select(Job).where(Job.status == JobStatus.SUCCEEDED.value, Job.fine_tuned_model.is_not(None),
+                              Job.model_deleted_at.is_(None))
+    if owner is not None:
+        query = query.where(Job.owner_id == owner)
+    jobs = session.scalars(query.order_by(Job.finished_at, Job.id))
     entries += [_fine_tuned_entry(job) for job in jobs]
     return entries
 
 
-def get_model(session: Session, settings: Settings, owner: str, name: str) -> ModelEntry:
-    """A registered base model, or a fine-tuned model or checkpoint of ``owner`` that was not deleted;
-    NotFound otherwise (another owner's models are not found either)."""
+def get_model(session: Session, settings: Settings, owner: str | None, name: str) -> ModelEntry:
+    """A registered base model, or a fine-tuned model or checkpoint of ``owner`` (any user's for None)
+    that was not deleted; NotFound otherwise (another owner's models are not found either)."""
     parsed = parse_fine_tuned(name)
     if parsed is None:
-        folder = registered_folder(settings, name)
+        try:
+            folder = registered_folder(settings, name, session)
+        except OutsideTheRoots:
+            folder = None
         if folder is None:
             raise NotFound("model", name)
         return ModelEntry(id=name, created=_mtime(folder), owned_by="system")
     job_id, step = parsed
     job = session.get(Job, job_id)
-    if job is None or job.owner_id != owner or job.model_deleted_at is not None:
+    if job is None or not owned(job.owner_id, owner) or job.model_deleted_at is not None:
         raise NotFound("model", name)
     if step is None:
         if job.status != JobStatus.SUCCEEDED.value or job.fine_tuned_model != name:
@@ -340,25 +401,15 @@ def get_model(session: Session, settings: Settings, owner: str, name: str) -> Mo
 
 
 def jobs_using(session: Session, settings: Settings, name: str, job: Job) -> list[str]:
-    """Queued or running jobs whose ``model`` is the fine-tuned model ``name`` of ``job``, one of its
-    checkpoints, or a path into the job's folder."""
-    by_name = list(session.scalars(
+    """Queued or running jobs whose ``model`` is the fine-tuned model ``name`` of ``job`` or one of its
+    checkpoints (models are named, never reached by a path)."""
+    return list(session.scalars(
         select(Job.id).where(Job.status.in_(ACTIVE),
                              or_(Job.model == name, Job.model.startswith(f"{name}:ckpt-step-", autoescape=True)))
         .order_by(Job.created_at, Job.id)))
-    root = job_folder(settings, job.id)
-    for other_id, reference in session.execute(
-            select(Job.id, Job.model).where(Job.status.in_(ACTIVE), Job.model.not_like("ft:%"))):
-        try:
-            inside = Path(reference).resolve().is_relative_to(root)
-        except (OSError, ValueError):
-            continue
-        if inside and other_id not in by_name:
-            by_name.append(other_id)
-    return by_name
 
 
-def delete_model(session: Session, settings: Settings, owner: str, name: str) -> Job:
+def delete_model(session: Session, settings: Settings, owner: str | None, name: str) -> Job:
     """Delete ``owner``'s fine-tuned model ``name``: its folder and its checkpoints' folders are removed,
     the job is marked (``model_deleted_at``, and its checkpoints' ``deleted_at``); the job row stays.
 

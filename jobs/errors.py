@@ -24,6 +24,22 @@ class Unauthorized(ServiceError):
         self.code = code
 
 
+class Forbidden(ServiceError):
+    """The caller is known but may not do this (an admin's route, another user's list)."""
+
+    def __init__(self, message: str, code: str = "permission_denied", param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+class QuotaExceeded(ServiceError):
+    """A request over one of the caller's quotas: the message names the limit, its value and the use."""
+
+    def __init__(self, quota: str, limit: float, used: float, message: str) -> None:
+        super().__init__(message)
+        self.quota, self.limit, self.used = quota, limit, used
+
+
 class Conflict(ServiceError):
     """The request conflicts with the state of what it names (a finished job, a file in use)."""
 

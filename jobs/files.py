@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
-from jobs.models import File, Job, new_id, utcnow
+from jobs.models import File, Job, new_id, owned, utcnow
 from jobs.settings import Settings
 from jobs.states import ACTIVE
 from jobs.users import ensure_user
@@ -134,29 +134,32 @@ def _check_eval_upload(path: Path, max_errors: int = 20) -> _EvalUploadCheck:
     return _EvalUploadCheck(records, errors[:max_errors], len(errors) > max_errors)
 
 
-def get_file(session: Session, owner: str, file_id: str) -> File:
+def get_file(session: Session, owner: str | None, file_id: str) -> File:
+    """``owner``'s file (any user's for None, an admin); another user's is not found, as an unknown id."""
     row = session.get(File, file_id)
-    if row is None or row.owner_id != owner or row.deleted_at is not None:
+    if row is None or not owned(row.owner_id, owner) or row.deleted_at is not None:
         raise NotFound("file", file_id)
     return row
 
 
 def list_files(
-    session: Session, owner: str, purpose: str | None = None, after: str | None = None, limit: int = 10000,
+    session: Session, owner: str | None, purpose: str | None = None, after: str | None = None, limit: int = 10000,
     order: str = "desc",
 ) -> tuple[list[File], bool]:
-    """The owner's files by ``created_at`` (then id), newest first unless ``order`` is ``"asc"``, at most
-    ``limit`` of them, and whether more follow.
+    """The owner's files (every user's for None) by ``created_at`` (then id), newest first unless
+    ``order`` is ``"asc"``, at most ``limit`` of them, and whether more follow.
 
     ``after`` is the id of the last file of the previous page; a file deleted since still marks its
     place, an id the owner never had is an InvalidRequest naming ``after``.
     """
-    query = select(File).where(File.owner_id == owner, File.deleted_at.is_(None))
+    query = select(File).where(File.deleted_at.is_(None))
+    if owner is not None:
+        query = query.where(File.owner_id == owner)
     if purpose:
         query = query.where(File.purpose == purpose)
     if after is not None:
         cursor = session.get(File, after)
-        if cursor is None or cursor.owner_id != owner:
+        if cursor is None or not owned(cursor.owner_id, owner):
             raise InvalidRequest([Problem("after", f"no file with id {after!r}")])
         if order == "asc":
             query = query.where(or_(File.created_at > cursor.created_at,
@@ -191,10 +194,10 @@ def jobs_using(session: Session, owner: str, file_id: str) -> list[str]:
     return sorted(users)
 
 
-def delete_file(session: Session, settings: Settings, owner: str, file_id: str) -> File:
+def delete_file(session: Session, settings: Settings, owner: str | None, file_id: str) -> File:
     """Remove the stored bytes and mark the row deleted; a Conflict while an unfinished job names it."""
     row = get_file(session, owner, file_id)
-    users = jobs_using(session, owner, file_id)
+    users = jobs_using(session, row.owner_id, file_id)
     if users:
         raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} that have not finished")
     (settings.data_dir / row.storage_path).unlink(missing_ok=True)

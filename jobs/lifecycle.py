@@ -10,11 +10,11 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs import idempotency
+from jobs import idempotency, quotas
 from jobs.admission import checked_request, predict_memory
 from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
 from jobs.events import add_event
-from jobs.models import Job, new_id, utcnow
+from jobs.models import Job, new_id, owned, utcnow
 from jobs.schemas import HYPERPARAMETERS, JobCreate
 from jobs.settings import Settings
 from jobs.states import ALLOWED, TERMINAL, JobStatus, transition_values
@@ -27,12 +27,14 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
                idempotency_key: str | None = None) -> Job:
     """Validate everything a job needs, then write it ``queued``. The caller commits, then enqueues.
 
-    A job the memory model says cannot fit on all the devices of a node is refused; with a pinned GPU
+    A job over the caller's queued-jobs or GPU-hours quota is refused (``jobs.quotas``). A job the memory
+    model says cannot fit on all the devices of a node is refused; with a pinned GPU
     count that the model says is too few, the job is accepted with a warning. With an
     ``idempotency_key``, the key is stored with the job in this transaction (``jobs.idempotency``:
     the caller looks it up first)."""
     job_id = new_id("ftjob")
     admitted = checked_request(session, settings, owner, request, job_id)
+    quotas.check_submission(session, settings, owner)
     resolved, train = admitted.resolved, admitted.train
     prediction = predict_memory(session, settings, admitted.model, resolved, request.gpus)
     if prediction.get("available") and not prediction["fits"] and request.gpus is None:
@@ -71,19 +73,21 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
     return job
 
 
-def get_job(session: Session, owner: str, job_id: str) -> Job:
+def get_job(session: Session, owner: str | None, job_id: str) -> Job:
+    """``owner``'s job (any user's for None, an admin); another user's is not found, as an unknown id."""
     job = session.get(Job, job_id)
-    if job is None or job.owner_id != owner:
+    if job is None or not owned(job.owner_id, owner):
         raise NotFound("job", job_id)
     return job
 
 
 def list_jobs(
-    session: Session, owner: str, after: str | None = None, limit: int = 20, status: str | None = None,
+    session: Session, owner: str | None, after: str | None = None, limit: int = 20, status: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> tuple[list[Job], bool]:
-    """Newest first; ``after`` is the id of the last job of the previous page."""
-    query = select(Job).where(Job.owner_id == owner)
+    """``owner``'s jobs (every user's for None), newest first; ``after`` is the id of the last job of the
+    previous page."""
+    query = select(Job) if owner is None else select(Job).where(Job.owner_id == owner)
     if status:
         query = query.where(Job.status == status)
     for key, value in (metadata or {}).items():
@@ -96,7 +100,7 @@ def list_jobs(
     return rows[:limit], len(rows) > limit
 
 
-def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+def cancel_job(session: Session, owner: str | None, job_id: str) -> Job:
     """A queued or paused job is cancelled at once; a running (or pausing) one is asked to stop at its
     next step."""
     job = get_job(session, owner, job_id)
@@ -198,7 +202,7 @@ def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | N
     return None
 
 
-def pause_job(session: Session, owner: str, job_id: str) -> Job:
+def pause_job(session: Session, owner: str | None, job_id: str) -> Job:
     """``running -> pausing``: the run checkpoints at its next step, frees its GPUs and ends ``paused``.
     Pausing a pausing or paused job changes nothing; a queued or ended one cannot pause (Conflict)."""
     job = get_job(session, owner, job_id)
@@ -228,7 +232,7 @@ def pause_job(session: Session, owner: str, job_id: str) -> Job:
     return job
 
 
-def resume_job(session: Session, owner: str, job_id: str) -> Job:
+def resume_job(session: Session, owner: str | None, job_id: str) -> Job:
     """``paused -> queued``: it starts again from its checkpoint when GPUs are free (the caller commits,
     then sends a wake-up). A job that is not paused cannot resume (Conflict)."""
     job = get_job(session, owner, job_id)

@@ -34,6 +34,12 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def owned(owner_id: str, owner: str | None) -> bool:
+    """Whether a row of ``owner_id`` is visible to ``owner``: a user sees their own rows, an admin (``owner``
+    None, as every read of the jobs layer takes it) everyone's."""
+    return owner is None or owner_id == owner
+
+
 def new_id(prefix: str) -> str:
     """A row id that names its kind (``ftjob-...``, ``file-...``) and cannot be guessed."""
     return f"{prefix}-{secrets.token_hex(12)}"
@@ -53,6 +59,21 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: an admin's overrides of the deployment's quotas for this user (``jobs.quotas``): a quota named here
+    #: with a number is this user's limit, with null no limit; one not named is the settings' default
+    quotas: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class RegisteredModel(Base):
+    """A base model folder an admin registered by name (``POST /v1/admin/models``), besides the sub-folders
+    of ``LOMO_MODEL_DIRS``; jobs name it, never its path."""
+
+    __tablename__ = "registered_models"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    registered_by: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ApiKey(Base):

@@ -11,7 +11,7 @@ from jobs.lifecycle import get_job
 from jobs.models import Checkpoint, EvalResult, JobEvent, MemorySample, MetricPoint
 
 
-def list_events(session: Session, owner: str, job_id: str, after: int | None = None,
+def list_events(session: Session, owner: str | None, job_id: str, after: int | None = None,
                 limit: int = 20) -> tuple[list[JobEvent], bool]:
     """Newest first, like the job list; ``after`` is the id of the last event of the previous page."""
     get_job(session, owner, job_id)
@@ -22,8 +22,8 @@ def list_events(session: Session, owner: str, job_id: str, after: int | None = N
     return rows[:limit], len(rows) > limit
 
 
-def list_metrics(session: Session, owner: str, job_id: str, kind: str | None = None, after_step: int | None = None,
-                 limit: int = 1000) -> tuple[list[MetricPoint], bool]:
+def list_metrics(session: Session, owner: str | None, job_id: str, kind: str | None = None,
+                 after_step: int | None = None, limit: int = 1000) -> tuple[list[MetricPoint], bool]:
     """Points in step order; the next page starts ``after_step`` = the last step of this one, so a page
     ends with whole steps (a step's train and val points are never split over two pages)."""
     get_job(session, owner, job_id)
@@ -44,7 +44,7 @@ def list_metrics(session: Session, owner: str, job_id: str, kind: str | None = N
     return rows[:limit], more
 
 
-def list_checkpoints(session: Session, owner: str, job_id: str, after: int | None = None,
+def list_checkpoints(session: Session, owner: str | None, job_id: str, after: int | None = None,
                      limit: int = 10) -> tuple[list[Checkpoint], bool]:
     """The checkpoints not marked removed, newest first; ``after`` is the id of the last one of the
     previous page. A checkpoint ``keep_checkpoints`` removed is marked (``deleted_at``) when the next one
@@ -57,7 +57,7 @@ def list_checkpoints(session: Session, owner: str, job_id: str, after: int | Non
     return rows[:limit], len(rows) > limit
 
 
-def list_evals(session: Session, owner: str, job_id: str, after: int | None = None,
+def list_evals(session: Session, owner: str | None, job_id: str, after: int | None = None,
                limit: int = 100) -> tuple[list[EvalResult], bool]:
     """Scores in the order they were recorded (base model first); ``after`` is the id of the last score
     of the previous page."""
@@ -69,7 +69,7 @@ def list_evals(session: Session, owner: str, job_id: str, after: int | None = No
     return rows[:limit], len(rows) > limit
 
 
-def memory_summary(session: Session, owner: str, job_id: str) -> dict[str, Any]:
+def memory_summary(session: Session, owner: str | None, job_id: str) -> dict[str, Any]:
     """The predicted figures and, per rank, the largest measured peak with its breakdown (the first
     sample of that peak). Only those samples are read: a CUDA job has one per step and rank."""
     job = get_job(session, owner, job_id)

@@ -39,10 +39,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from jobs import leases, lifecycle
+from jobs import leases, lifecycle, quotas
 from jobs.db import Database, session_scope
 from jobs.events import add_event
-from jobs.models import GpuLease, Job, JobEvent, aware, utcnow
+from jobs.models import GpuLease, Job, JobEvent, User, aware, utcnow
+from jobs.settings import Settings
 from jobs.states import JobStatus, transition_values
 
 log = logging.getLogger("lomo.scheduler")
@@ -57,6 +58,7 @@ class Waiting:
     bypassed: int = 0
     need_bytes: int | None = None  # predicted peak per GPU, when the memory model gave one
     priority: int = 0
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,11 +138,28 @@ class _Lost(Exception):
 
 
 def queue_snapshot(session: Session) -> list[Waiting]:
-    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed, Job.predicted_memory, Job.priority)
+    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed, Job.predicted_memory, Job.priority, Job.owner_id)
                            .where(Job.status == JobStatus.QUEUED.value)
                            .order_by(Job.priority.desc(), Job.created_at, Job.id))
-    return [Waiting(id, need or 1, bypassed or 0, _predicted_peak(predicted), priority or 0)
-            for id, need, bypassed, predicted, priority in rows]
+    return [Waiting(id, need or 1, bypassed or 0, _predicted_peak(predicted), priority or 0, owner)
+            for id, need, bypassed, predicted, priority, owner in rows]
+
+
+def _over_running_quota(session: Session, queue: list[Waiting], settings: Settings | None) -> list[Waiting]:
+    """The queue less the jobs of users whose running-jobs quota is reached (``jobs.quotas``): they keep
+    their place and start when one of their owner's jobs ends. The first of each such user's jobs gets
+    an event that says why it waits."""
+    if settings is None:
+        return queue
+    capped = quotas.running_limits(session, settings, {job.owner for job in queue if job.owner})
+    if not capped:
+        return queue
+    noted = set()
+    for job in queue:
+        if job.owner in capped and job.owner not in noted:
+            noted.add(job.owner)
+            _note_waiting(session, job.id, capped[job.owner])
+    return [job for job in queue if job.owner not in capped]
 
 
 def preemptions_under_way(session: Session, node: str | None = None) -> frozenset[str]:
@@ -174,16 +193,17 @@ def _predicted_peak(predicted: dict | None) -> int | None:
 
 def start_next(db: Database, node: str, node_size: int | None, worker: str, backfill_limit: int,
                attempts: int = 50, device_bytes: int | None = None,
-               preempt_min_run_s: float | None = None) -> Started | None:
+               preempt_min_run_s: float | None = None, quota_settings: Settings | None = None) -> Started | None:
     """Claim the next job this node can start and lease its GPUs, or None when no queued job can start
     here now. ``node_size`` is the node's GPU count (None on a CPU node), ``device_bytes`` the memory of
     its smallest GPU. With ``preempt_min_run_s`` (preemption on), a waiting job that running jobs of
-    lower priority block has them paused for it (see the module's docstring)."""
+    lower priority block has them paused for it (see the module's docstring). With ``quota_settings``,
+    the jobs of users at their running-jobs quota wait (``jobs.quotas``)."""
     for _ in range(attempts):
         try:
             with session_scope(db.sessions) as session:
                 return _start_next(session, node, node_size, worker, backfill_limit, device_bytes,
-                                   preempt_min_run_s)
+                                   preempt_min_run_s, quota_settings)
         except (_Lost, IntegrityError):
             continue  # another worker changed the queue or the leases between our read and our write
         except OperationalError as e:
@@ -197,10 +217,10 @@ def start_next(db: Database, node: str, node_size: int | None, worker: str, back
 
 def _start_next(session: Session, node: str, node_size: int | None, worker: str,
                 backfill_limit: int, device_bytes: int | None = None,
-                preempt_min_run_s: float | None = None) -> Started | None:
+                preempt_min_run_s: float | None = None, quota_settings: Settings | None = None) -> Started | None:
     taken = leases.leased_devices(session, node) if node_size is not None else {}
     free = [i for i in range(node_size) if i not in taken] if node_size is not None else None
-    queue = queue_snapshot(session)
+    queue = _over_running_quota(session, queue_snapshot(session), quota_settings)
     reserved = preemptions_under_way(session, node)
     choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit, device_bytes,
                     reserved)
@@ -212,6 +232,13 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
                       f"{node}" + ("; the GPUs are held for it" if job_id == choice.held_for else ""))
     if choice.job_id is None:
         return None
+    owner = next(job.owner for job in queue if job.id == choice.job_id)
+    if quota_settings is not None and owner:
+        # Two workers may choose two jobs of one user at once: the owner's row is locked and the quota
+        # counted again under the lock, so the second waits for the first and then sees its job running.
+        session.execute(select(User.id).where(User.id == owner).with_for_update())
+        if quotas.running_limits(session, quota_settings, {owner}):
+            raise _Lost()
     now = utcnow()
     claimed = lifecycle.claim(session, choice.job_id, worker, now)
     if not claimed:

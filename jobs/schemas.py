@@ -179,9 +179,9 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=1000,
-                       description="a registered model's name, a fine-tuned model's or checkpoint's name, or a "
-                                   "model folder the workers can read")
+    model: str = Field(min_length=1, max_length=300,
+                       description="a registered model's name, or the name of one of your fine-tuned models or "
+                                   "checkpoints (GET /v1/models lists them); never a path")
     training_file: str = Field(min_length=1, max_length=64, description="id of an uploaded file")
     validation_file: str | None = Field(None, max_length=64)
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="random seed (default 42): same seed, same run")

@@ -68,6 +68,18 @@ class Settings(BaseSettings):
     #: a job runs at least this long after each start before it can be preempted (seconds), so that no
     #: job is preempted over and over without progress
     preempt_min_run_s: float = Field(600.0, ge=0)
+    #: quotas of each user (an admin overrides them per user, ``PATCH /v1/admin/users/{user}``); unset: no
+    #: limit. Running jobs: a user's jobs that run at once (more wait in the queue, their place kept, until
+    #: one ends); queued jobs: a submission past it is refused (429)
+    quota_running_jobs: int | None = Field(None, ge=1)
+    quota_queued_jobs: int | None = Field(100, ge=1)
+    #: GPU-hours a user's jobs may hold (from the GPU leases) in the last ``quota_window_hours``; a
+    #: submission once they are used up is refused (429)
+    quota_gpu_hours: float | None = Field(None, gt=0)
+    quota_window_hours: float = Field(168.0, gt=0)
+    #: bytes of files a user may keep uploaded (deleting files frees them); an upload past it is refused
+    #: (429) while it streams
+    quota_upload_bytes: int | None = Field(None, gt=0)
     #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication

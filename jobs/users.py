@@ -14,6 +14,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -137,3 +138,29 @@ def key_id_of(presented: str | None) -> str | None:
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def update_user(session: Session, user: User, *, admin: bool | None = None, disabled: bool | None = None,
+                quotas: dict[str, Any] | None = None) -> User:
+    """An admin's change of a user: admin or not, disabled or not (a disabled user's keys authenticate no
+    one; enabling them again makes the keys valid again), and quota overrides (merged into the user's:
+    a quota with a number is their limit, with null no limit; ``{"quota": "default"}`` forgets the override).
+    The last enabled admin cannot stop being one (Conflict): someone must be able to manage the users."""
+    from jobs import quotas as quota_rules
+
+    if quotas is not None:
+        forget = {name for name, value in quotas.items() if value == "default"}
+        checked = quota_rules.checked_overrides({k: v for k, v in quotas.items() if k not in forget})
+        merged = {k: v for k, v in (user.quotas or {}).items() if k not in forget} | checked
+        user.quotas = merged or None
+    losing = (admin is False or disabled is True) and user.is_admin and user.disabled_at is None
+    if losing and session.scalar(select(func.count(User.id)).where(
+            User.is_admin.is_(True), User.disabled_at.is_(None), User.id != user.id)) == 0:
+        raise Conflict(f"{user.name} is the only enabled admin: make another user an admin first",
+                       code="last_admin")
+    if admin is not None:
+        user.is_admin = admin
+    if disabled is not None:
+        user.disabled_at = (user.disabled_at or utcnow()) if disabled else None
+    session.flush()
+    return user

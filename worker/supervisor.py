@@ -79,7 +79,8 @@ class JobRunner:
                                            self.settings.backfill_limit,
                                            device_bytes=device_bytes if kind == "cuda" else None,
                                            preempt_min_run_s=(self.settings.preempt_min_run_s
-                                                              if self.settings.preempt else None))
+                                                              if self.settings.preempt else None),
+                                           quota_settings=self.settings)
         except Exception:  # the database failed us: keep the wake-up alive, and let Celery log the error
             if poll:
                 self._send(job_id, countdown=max(self.settings.requeue_delay_s, 1.0), poll=True)
@@ -187,9 +188,9 @@ class JobRunner:
             if model is None:
                 return lifecycle.Outcome(
                     JobStatus.FAILED, "model_not_found",
-                    f"model {job.model!r} is not a model folder this worker can read (no config.json there), "
-                    f"not a registered model on {settings.worker_name}, and not a fine-tuned model of the job's "
-                    "owner", "model")
+                    f"model {job.model!r} is not a registered model on {settings.worker_name} (no folder with a "
+                    "config.json by that name: gone, or not readable by this worker) nor a fine-tuned model of the "
+                    "job's owner", "model")
             paths: dict[str, Path | None] = {}
             names: dict[str, str] = {}
             for param, file_id in (("training_file", job.training_file_id),

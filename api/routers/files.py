@@ -24,10 +24,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
-from api.errors import CONFLICT, ERRORS, TOO_LARGE, error_response
+from api.errors import CONFLICT, ERRORS, OVER_QUOTA, TOO_LARGE, error_response
 from api.schemas import FileDeleted, FileList, FileObject
 from api.views import file_object
-from jobs import files, idempotency
+from jobs import files, idempotency, quotas
 from jobs.db import Database
 from jobs.errors import InvalidRequest, NotFound, Problem
 from jobs.schemas import FilePurpose
@@ -218,6 +218,7 @@ def _store(db: Database, settings: Settings, owner: str, filename: str, purpose:
             known = idempotency.recall(session, owner, ROUTE, key)
             if known is not None:
                 return file_object(files.get_file(session, owner, known))
+            quotas.check_upload(session, settings, owner, part.stat().st_size)
             row = files.store_file(session, settings, owner, filename, purpose, part)
             stored = settings.data_dir / row.storage_path
             idempotency.remember(session, owner, ROUTE, key, row.id)
@@ -234,7 +235,12 @@ def _store(db: Database, settings: Settings, owner: str, filename: str, purpose:
         raise
 
 
-@router.post("", response_model=FileObject, responses={**ERRORS, **TOO_LARGE},
+def _upload_quota(db: Database, settings: Settings, owner: str) -> tuple[int | None, int]:
+    with db.session() as session:
+        return quotas.upload_quota(session, settings, owner)
+
+
+@router.post("", response_model=FileObject, responses={**ERRORS, **TOO_LARGE, **OVER_QUOTA},
              openapi_extra={"requestBody": UPLOAD_BODY},
              summary="Upload a training or evaluation file (checked line by line)")
 async def upload_file(
@@ -244,9 +250,17 @@ async def upload_file(
                                                               "upload's file and stores nothing")] = None,
 ) -> Any:
     key = idempotency.check_key(idempotency_key)
+    quota, used = await run_in_threadpool(_upload_quota, db, settings, caller.user_id)
     limit = settings.max_upload_bytes
+    by_quota = quota is not None and quota - used < limit  # the quota's room, not the size limit, binds
+    if by_quota:
+        if quota - used <= 0:
+            raise quotas.over_upload_quota(quota, used)
+        limit = quota - used
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + OVERHEAD:
+        if by_quota:
+            raise quotas.over_upload_quota(quota, used, int(declared))
         return _too_large(limit, int(declared))
     boundary = _boundary(request.headers.get("content-type"))
     uploads = settings.data_dir / "uploads"
@@ -260,6 +274,8 @@ async def upload_file(
         return await run_in_threadpool(_store, db, settings, caller.user_id, form.filename or "", form.purpose,
                                        part, key)
     except _TooLarge:
+        if by_quota:  # refused as it streams, as soon as the bytes pass what is left of the quota
+            raise quotas.over_upload_quota(quota, used, limit + 1, at_least=True) from None
         return _too_large(limit)
     except ClientDisconnect:  # nobody reads this answer; what was received is removed below
         return error_response(400, "the client disconnected during the upload", "client_disconnected")
@@ -275,9 +291,10 @@ def list_files(
     after: str | None = Query(None, description="id of the last file of the previous page"),
     limit: int = Query(10000, ge=1, le=10000),
     order: Literal["asc", "desc"] = Query("desc", description="by created_at"),
-    purpose: str | None = Query(None, description="only the files with this purpose"),
+    purpose: str | None = Query(None, max_length=64, description="only the files with this purpose"),
+    user: str | None = Query(None, max_length=200, description="admins: only this user's files (a name or an id)"),
 ) -> Any:
-    rows, more = files.list_files(session, caller.user_id, purpose, after, limit, order)
+    rows, more = files.list_files(session, caller.listing(session, user), purpose, after, limit, order)
     data = [file_object(r) for r in rows]
     return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
                     last_id=data[-1].id if data else None)
@@ -285,7 +302,7 @@ def list_files(
 
 @router.get("/{file_id}", response_model=FileObject, responses=ERRORS)
 def get_file(file_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    return file_object(files.get_file(session, caller.user_id, file_id))
+    return file_object(files.get_file(session, caller.scope, file_id))
 
 
 def _disposition(filename: str) -> str:
@@ -307,7 +324,7 @@ def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
 @router.get("/{file_id}/content", response_class=StreamingResponse, responses={**CONTENT_ANSWER, **ERRORS},
             summary="The stored bytes of a file")
 def file_content(file_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> StreamingResponse:
-    row = files.get_file(session, caller.user_id, file_id)
+    row = files.get_file(session, caller.scope, file_id)
     try:  # opened here: a delete from now on does not cut the answer short
         handle = files.file_path(settings, row).open("rb")
     except FileNotFoundError:
@@ -319,5 +336,5 @@ def file_content(file_id: str, session: SessionDep, settings: SettingsDep, calle
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses={**ERRORS, **CONFLICT})
 def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> Any:
-    files.delete_file(session, settings, caller.user_id, file_id)
+    files.delete_file(session, settings, caller.scope, file_id)
     return FileDeleted(id=file_id)

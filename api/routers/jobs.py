@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
-from api.errors import CONFLICT, ERRORS
+from api.errors import CONFLICT, ERRORS, OVER_QUOTA
 from api.schemas import CheckpointList, EvalList, EventList, JobList, JobObject, MemoryObject, MetricList
 from api.views import (
     CHECKPOINT_PREFIX,
@@ -31,7 +31,7 @@ log = logging.getLogger("lomo.api")
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
 
-@router.post("", response_model=JobObject, responses=ERRORS,
+@router.post("", response_model=JobObject, responses={**ERRORS, **OVER_QUOTA},
              summary="Create a fine-tuning job (validated in full before it is queued)")
 def create_job(body: JobCreate, db: DatabaseDep, settings: SettingsDep, caller: CallerDep,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> Any:
@@ -61,41 +61,43 @@ def list_jobs(
     after: str | None = Query(None, description="id of the last job of the previous page"),
     limit: int = Query(20, ge=1, le=100),
     status: JobStatus | None = Query(None),
+    user: str | None = Query(None, max_length=200, description="admins: only this user's jobs (a name or an id)"),
 ) -> Any:
+    owner = caller.listing(session, user)
     metadata = {}
     for key, value in request.query_params.multi_items():
         if key.startswith("metadata[") and key.endswith("]") and len(key) > len("metadata[]"):
             metadata[key[len("metadata["):-1]] = value
     if after is not None:
         try:
-            lifecycle.get_job(session, caller.user_id, after)
+            lifecycle.get_job(session, owner, after)
         except errors.NotFound:
             raise errors.InvalidRequest([errors.Problem("after", f"no job with id {after!r}")]) from None
-    rows, more = lifecycle.list_jobs(session, caller.user_id, after, limit, status.value if status else None, metadata)
+    rows, more = lifecycle.list_jobs(session, owner, after, limit, status.value if status else None, metadata)
     return JobList(data=[job_object(r) for r in rows], has_more=more)
 
 
 @router.get("/{job_id}", response_model=JobObject, responses=ERRORS)
 def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    return job_object(lifecycle.get_job(session, caller.user_id, job_id))
+    return job_object(lifecycle.get_job(session, caller.scope, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, responses={**ERRORS, **CONFLICT})
 def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    return job_object(lifecycle.cancel_job(session, caller.user_id, job_id))
+    return job_object(lifecycle.cancel_job(session, caller.scope, job_id))
 
 
 @router.post("/{job_id}/pause", response_model=JobObject, responses={**ERRORS, **CONFLICT},
              summary="Pause a running job: it checkpoints at its next step, frees its GPUs and ends paused")
 def pause_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    return job_object(lifecycle.pause_job(session, caller.user_id, job_id))
+    return job_object(lifecycle.pause_job(session, caller.scope, job_id))
 
 
 @router.post("/{job_id}/resume", response_model=JobObject, responses={**ERRORS, **CONFLICT},
              summary="Resume a paused job: queued again, it continues from its checkpoint")
 def resume_job(job_id: str, db: DatabaseDep, settings: SettingsDep, caller: CallerDep) -> Any:
     with db.session() as session:  # committed before the wake-up is sent
-        job = lifecycle.resume_job(session, caller.user_id, job_id)
+        job = lifecycle.resume_job(session, caller.scope, job_id)
         answer = job_object(job)
     _wake(db, settings, job.id)
     return answer
@@ -118,7 +120,7 @@ def list_events(job_id: str, session: SessionDep, caller: CallerDep,
                 after: str | None = Query(None, description="id of the last event of the previous page (newest "
                                                             "first)"),
                 limit: int = Query(20, ge=1, le=1000)) -> Any:
-    rows, more = results.list_events(session, caller.user_id, job_id, row_id(after, EVENT_PREFIX), limit)
+    rows, more = results.list_events(session, caller.scope, job_id, row_id(after, EVENT_PREFIX), limit)
     return EventList(data=[event_object(r) for r in rows], has_more=more)
 
 
@@ -126,8 +128,8 @@ def list_events(job_id: str, session: SessionDep, caller: CallerDep,
 def list_checkpoints(job_id: str, session: SessionDep, caller: CallerDep,
                      after: str | None = Query(None, description="id of the last checkpoint of the previous page"),
                      limit: int = Query(10, ge=1, le=100)) -> Any:
-    job = lifecycle.get_job(session, caller.user_id, job_id)
-    rows, more = results.list_checkpoints(session, caller.user_id, job_id, row_id(after, CHECKPOINT_PREFIX), limit)
+    job = lifecycle.get_job(session, caller.scope, job_id)
+    rows, more = results.list_checkpoints(session, caller.scope, job_id, row_id(after, CHECKPOINT_PREFIX), limit)
     data = [checkpoint_object(r, job) for r in rows]
     return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
                           last_id=data[-1].id if data else None)
@@ -139,14 +141,14 @@ def list_metrics(job_id: str, session: SessionDep, caller: CallerDep,
                  kind: str | None = Query(None, pattern="^(train|val)$"),
                  after_step: int | None = Query(None, ge=0, le=2**31 - 1),
                  limit: int = Query(1000, ge=1, le=10000)) -> Any:
-    rows, more = results.list_metrics(session, caller.user_id, job_id, kind, after_step, limit)
+    rows, more = results.list_metrics(session, caller.scope, job_id, kind, after_step, limit)
     return MetricList(data=[metric_object(r) for r in rows], has_more=more)
 
 
 @router.get("/{job_id}/memory", response_model=MemoryObject, responses=ERRORS,
             summary="Predicted memory and the measured peak with its breakdown, per rank")
 def job_memory(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    return MemoryObject(**results.memory_summary(session, caller.user_id, job_id))
+    return MemoryObject(**results.memory_summary(session, caller.scope, job_id))
 
 
 @router.get("/{job_id}/evals", response_model=EvalList, responses=ERRORS,
@@ -154,5 +156,5 @@ def job_memory(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
 def list_evals(job_id: str, session: SessionDep, caller: CallerDep,
                after: str | None = Query(None, description="id of the last score of the previous page"),
                limit: int = Query(100, ge=1, le=1000)) -> Any:
-    rows, more = results.list_evals(session, caller.user_id, job_id, row_id(after, EVAL_PREFIX), limit)
+    rows, more = results.list_evals(session, caller.scope, job_id, row_id(after, EVAL_PREFIX), limit)
     return EvalList(data=[eval_object(r) for r in rows], has_more=more)

@@ -14,14 +14,13 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, SessionDep, SettingsDep
-from api.errors import CONFLICT, ERRORS, error_response
-from api.schemas import ErrorResponse, ModelDeleted, ModelList, ModelObject
+from api.errors import CONFLICT, ERRORS, FORBIDDEN, error_response
+from api.schemas import ModelDeleted, ModelList, ModelObject
 from api.views import unix
 from jobs import catalog
 from jobs.errors import InvalidRequest, NotFound, Problem
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"model": ErrorResponse}}
 CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -37,8 +36,10 @@ def list_models(
     session: SessionDep, settings: SettingsDep, caller: CallerDep,
     after: str | None = Query(None, description="id of the last model of the previous page"),
     limit: int | None = Query(None, ge=1, le=1000, description="at most this many (all when unset)"),
+    user: str | None = Query(None, max_length=200, description="admins: only this user's fine-tuned models (a "
+                                                              "name or an id), with the base models"),
 ) -> Any:
-    entries = catalog.list_models(session, settings, caller.user_id)
+    entries = catalog.list_models(session, settings, caller.listing(session, user))
     start = 0
     if after is not None:
         ids = [e.id for e in entries]
@@ -52,14 +53,14 @@ def list_models(
 @router.get("/{model_id}", response_model=ModelObject, responses=ERRORS,
             summary="A registered base model, or one of your fine-tuned models or checkpoints")
 def get_model(model_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> Any:
-    return model_object(catalog.get_model(session, settings, caller.user_id, model_id))
+    return model_object(catalog.get_model(session, settings, caller.scope, model_id))
 
 
 @router.delete("/{model_id}", response_model=ModelDeleted, responses={**ERRORS, **CONFLICT, **FORBIDDEN},
                summary="Delete one of your fine-tuned models (its files and its checkpoints; the job stays)")
 def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> Any:
     try:
-        catalog.delete_model(session, settings, caller.user_id, model_id)
+        catalog.delete_model(session, settings, caller.scope, model_id)
     except catalog.ModelNotDeletable as e:
         return error_response(403, str(e), "model_not_deletable", "model")
     return ModelDeleted(id=model_id)
@@ -71,13 +72,13 @@ def delete_model(model_id: str, session: SessionDep, settings: SettingsDep, call
             response_class=StreamingResponse,
             summary="A fine-tuned model's or checkpoint's files (what from_pretrained loads), as a tar archive")
 def model_content(model_id: str, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> Any:
-    entry = catalog.get_model(session, settings, caller.user_id, model_id)
+    entry = catalog.get_model(session, settings, caller.scope, model_id)
     if entry.is_base:
         return error_response(403, f"{model_id} is a registered base model of this deployment; only fine-tuned "
                                    "models and their checkpoints are served for download", "model_not_downloadable",
                               "model")
     try:
-        folder = catalog.resolve_reference(session, settings, caller.user_id, model_id)
+        folder = catalog.resolve_reference(session, settings, caller.scope, model_id)
     except catalog.UnusableModel as e:
         raise InvalidRequest([Problem("model", str(e))], code="model_not_usable") from None
     if folder is None:

@@ -67,3 +67,141 @@ def test_a_user_sees_only_their_own(client):
     assert c.get("/v1/files", headers=other).json()["data"] == []
     assert c.delete(f"/v1/files/{file_id}", headers=other).status_code == 404
     assert c.get(f"/v1/files/{file_id}").status_code == 200  # still there for its owner
+
+
+# ------------------------------------------------------------------------------------ the whole matrix
+ROW = b'{"prompt": "a", "response": "b"}\n'
+
+
+class World:
+    """Two users (ann, bob: neither an admin) and the local admin, on one service; ``fresh`` makes a new
+    set of ann's objects (a file, a queued job, a fine-tuned model, an API key, a registered model), so
+    that a route that deletes or changes one is tried on an untouched one by each caller."""
+
+    def __init__(self, client, settings, model_dir):
+        self.client, self.settings, self.model_dir = client, settings, model_dir
+        self.admin = {"Authorization": client.headers["Authorization"]}
+        self.ann = {"Authorization": f"Bearer {user_key(settings, 'ann')}"}
+        self.bob = {"Authorization": f"Bearer {user_key(settings, 'bob')}"}
+        self.made = 0
+
+    def upload(self, headers) -> str:
+        answer = self.client.post("/v1/files", files={"file": ("t.jsonl", ROW)}, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["id"]
+
+    def fresh(self) -> dict[str, str]:
+        import shutil
+
+        from jobs import catalog
+        from jobs.admission import job_output_dir
+        from jobs.models import Job, utcnow
+
+        self.made += 1
+        done = self.client.post("/v1/fine_tuning/jobs", headers=self.ann, json={
+            "model": self.model_dir.name, "training_file": self.upload(self.ann)}).json()
+        assert "id" in done, done
+        shutil.copytree(self.model_dir, job_output_dir(self.settings, done["id"]) / "model")
+        with self.client.app.state.db.session() as s:
+            job = s.get(Job, done["id"])
+            job.status, job.finished_at = "succeeded", utcnow()
+            job.fine_tuned_model = catalog.fine_tuned_name(job.model, job.suffix, job.id)
+            model = job.fine_tuned_model
+        queued = self.client.post("/v1/fine_tuning/jobs", headers=self.ann, json={
+            "model": self.model_dir.name, "training_file": self.upload(self.ann)}).json()["id"]
+        key = self.client.post("/v1/admin/users/ann/keys", json={}).json()["id"]
+        name = f"registered-{self.made}"
+        assert self.client.post("/v1/admin/models", json={"name": name, "path": str(self.model_dir)}).status_code == 200
+        return {"file_id": self.upload(self.ann), "job_id": queued, "model_id": model, "user": "ann",
+                "key_id": key, "name": name}
+
+    def set_status(self, job_id: str, status: str) -> None:
+        from jobs.models import Job
+
+        with self.client.app.state.db.session() as s:
+            s.get(Job, job_id).status = status
+
+
+def body_of(world: World, method: str, path: str, headers) -> dict:
+    """What a request to a route sends besides its path: a valid body where it takes one."""
+    world.made += 1
+    if (method, path) == ("POST", "/v1/files"):
+        return {"files": {"file": ("t.jsonl", ROW)}}
+    if (method, path) in (("POST", "/v1/fine_tuning/jobs"), ("POST", "/v1/estimates")):
+        return {"json": {"model": world.model_dir.name, "training_file": world.upload(headers)}}
+    if (method, path) == ("POST", "/v1/admin/users"):
+        return {"json": {"name": f"made-{world.made}"}}
+    if (method, path) == ("PATCH", "/v1/admin/users/{user}"):
+        return {"json": {"quotas": {"gpu_hours": 1000}}}
+    if (method, path) == ("POST", "/v1/admin/users/{user}/keys"):
+        return {"json": {"name": "another"}}
+    if (method, path) == ("POST", "/v1/admin/models"):
+        return {"json": {"name": f"new-{world.made}", "path": str(world.model_dir)}}
+    return {}
+
+
+#: the state a job must be in for a route to act on it
+NEEDS = {"/v1/fine_tuning/jobs/{job_id}/pause": "running", "/v1/fine_tuning/jobs/{job_id}/resume": "paused"}
+
+
+@pytest.fixture
+def world(tmp_path, tiny_model_dir):
+    from jobs.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path / 'lomo.db'}",
+                        model_dirs=[tiny_model_dir.parent], device="cpu")
+    with api_client(settings) as c:
+        yield World(c, settings, tiny_model_dir)
+
+
+def test_every_route_serves_its_owner_and_admins_and_hides_it_from_other_users(world):
+    """From the OpenAPI schema: for each route, the owner (ann) and an admin get a 2xx on an object of
+    ann's; bob gets a 404 for it, exactly as for an id that does not exist; an admin's route is a 403 for
+    both users."""
+    schema = world.client.get("/openapi.json").json()
+    tried = 0
+    for path, item in schema["paths"].items():
+        for method in (m.upper() for m in item if m in ("get", "post", "put", "patch", "delete")):
+            if path in OPEN:
+                continue
+            params = set(re.findall(r"\{([^}]+)\}", path))
+            admin_route = path.startswith("/v1/admin/")
+            callers = {"owner": world.ann, "admin": world.admin}
+            for who, headers in callers.items():
+                objects = world.fresh()
+                assert params <= set(objects), f"no object for {params - set(objects)} of {method} {path}"
+                if path in NEEDS:
+                    world.set_status(objects["job_id"], NEEDS[path])
+                url = path.format(**objects)
+                if params and not admin_route:  # bob first: the object is untouched, and stays so
+                    hidden = world.client.request(method, url, headers=world.bob, **body_of(world, method, path,
+                                                                                            world.bob))
+                    assert hidden.status_code == 404, (method, path, hidden.text)
+                    unknown = world.client.request(method, path.format(**{p: f"{p}-nope" for p in params}),
+                                                   headers=world.bob, **body_of(world, method, path, world.bob))
+                    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == \
+                        hidden.json()["error"]["code"], (method, path)
+                if admin_route:
+                    for user in (world.ann, world.bob):
+                        refused = world.client.request(method, url, headers=user, **body_of(world, method, path,
+                                                                                            user))
+                        assert refused.status_code == 403, (method, path, refused.text)
+                        assert refused.json()["error"]["code"] == "permission_denied"
+                    if who == "owner":
+                        continue  # an admin's route has no owner but the admins
+                served = world.client.request(method, url, headers=headers, **body_of(world, method, path, headers))
+                assert 200 <= served.status_code < 300, (who, method, path, served.text)
+                tried += 1
+    assert tried >= 50
+
+
+def test_a_users_lists_hold_only_their_own(world):
+    objects = world.fresh()
+    for route, field in (("/v1/files", "id"), ("/v1/fine_tuning/jobs", "id"), ("/v1/models", "id")):
+        theirs = {o[field] for o in world.client.get(route, headers=world.ann).json()["data"]}
+        assert theirs & {objects["file_id"], objects["job_id"], objects["model_id"]}, route
+        seen = {o[field] for o in world.client.get(route, headers=world.bob).json()["data"]}
+        assert not seen & {objects["file_id"], objects["job_id"], objects["model_id"]}, route
+        assert world.client.get(route, headers=world.admin).json()["data"], route
+    me = world.client.get("/v1/me", headers=world.bob).json()
+    assert me["name"] == "bob" and me["is_admin"] is False and me["usage"]["queued_jobs"] == 0

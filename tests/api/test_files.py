@@ -277,7 +277,7 @@ def test_a_file_an_unfinished_jobs_evaluation_names_cannot_be_deleted(client, ti
     scored = upload(client, BOOLQ, "boolq.jsonl", purpose="eval").json()["id"]
     shots = upload(client, BOOLQ, "shots.jsonl", purpose="eval").json()["id"]
     evals = [{"task": "boolq", "file": scored, "limit": 2, "num_fewshot": 1, "fewshot_file": shots}]
-    created = client.post("/v1/fine_tuning/jobs", json={"model": str(tiny_model_dir), "training_file": training,
+    created = client.post("/v1/fine_tuning/jobs", json={"model": tiny_model_dir.name, "training_file": training,
                                                         "evals": evals})
     assert created.status_code == 200, created.text
     job = created.json()["id"]

@@ -10,6 +10,7 @@ import json
 import shutil
 import tarfile
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ from jobs.admission import job_output_dir
 from jobs.migrate import upgrade
 from jobs.models import Checkpoint, Job, User, utcnow
 from jobs.settings import Settings
-from tests.conftest import STORIES, admin_key, api_client, need_shared, tiny_llama
+from tests.conftest import STORIES, admin_key, api_client, need_shared, tiny_llama, user_key
 from tests.e2e.live_service import api_in_thread
 
 ROWS = b"".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() + b"\n" for i in range(6))
@@ -44,7 +45,9 @@ def client(settings):
 
 @pytest.fixture
 def sqlite_client(tmp_path, tiny_model_dir):
-    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'lomo.db'}", tiny_model_dir.parent)
+    (tmp_path / "models").mkdir()  # for the models a test makes
+    settings = settings_for(tmp_path, f"sqlite:///{tmp_path / 'lomo.db'}", tiny_model_dir.parent,
+                            need_shared(STORIES).parent, tmp_path / "models")
     with api_client(settings) as c:
         yield c
 
@@ -55,7 +58,9 @@ def error_of(response, status: int) -> dict:
 
 
 def create(client, model, file_id, **fields):
-    return client.post("/v1/fine_tuning/jobs", json={"model": str(model), "training_file": file_id, **fields})
+    """Submit a job; ``model`` is a name, or a folder under one of the settings' model_dirs (named by its name)."""
+    name = model.name if isinstance(model, Path) else model
+    return client.post("/v1/fine_tuning/jobs", json={"model": name, "training_file": file_id, **fields})
 
 
 def upload(client) -> str:
@@ -118,11 +123,17 @@ def test_models_are_listed_retrieved_and_deleted_by_name(client, settings):
         s.flush()
         s.add(Job(id="ftjob-bob", owner_id="bob", model="stories260K", training_file_id=file_id, method="lomo",
                   status="succeeded", fine_tuned_model="ft:stories260K::ftjob-bob", finished_at=utcnow()))
-    for unknown in ("ft:stories260K::ftjob-bob", "ft:stories260K:demo:ftjob-nope", "nothing", f"{name}:ckpt-step-3",
+    for unknown in ("ft:stories260K:demo:ftjob-nope", "nothing", f"{name}:ckpt-step-3",
                     f"ft:other:demo:{job['id']}"):
         error = error_of(client.get(f"/v1/models/{unknown}"), 404)
         assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
     assert client.get(f"/v1/models/{STORIES}").status_code == 404  # a path is no model id
+    # the admin (this client's key) sees bob's model; another user does not, as if it did not exist
+    assert client.get("/v1/models/ft:stories260K::ftjob-bob").json()["owned_by"] == "bob"
+    carol = {"Authorization": f"Bearer {user_key(settings, 'carol')}"}
+    for other in ("ft:stories260K::ftjob-bob", name):
+        assert error_of(client.get(f"/v1/models/{other}", headers=carol), 404)["code"] == "model_not_found"
+    assert {m["id"] for m in client.get("/v1/models", headers=carol).json()["data"]} == {"stories260K"}
 
     # a base model and a checkpoint are not deleted; a model a queued job trains from is not either
     error = error_of(client.delete("/v1/models/stories260K"), 403)
@@ -142,7 +153,8 @@ def test_models_are_listed_retrieved_and_deleted_by_name(client, settings):
         assert all(c.deleted_at is not None for c in s.query(Checkpoint).filter_by(job_id=job["id"]))
     assert error_of(client.get(f"/v1/models/{name}"), 404)["code"] == "model_not_found"
     assert error_of(client.delete(f"/v1/models/{name}"), 404)["code"] == "model_not_found"
-    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["stories260K"]
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["stories260K", "ft:stories260K::ftjob-bob"]
+    assert [m["id"] for m in client.get("/v1/models", params={"user": "local"}).json()["data"]] == ["stories260K"]
     error = error_of(create(client, name, file_id), 422)
     assert error["param"] == "model" and "was deleted" in error["message"]
     assert str(settings.data_dir) not in json.dumps(listed) + json.dumps(error)
@@ -198,7 +210,7 @@ def test_the_content_is_a_streamed_tar_of_what_from_pretrained_needs(sqlite_clie
     client = sqlite_client
     need_shared(STORIES)
     file_id = upload(client)
-    job = create(client, STORIES, file_id).json()  # a folder path: the name is its last part
+    job = create(client, "stories260K", file_id).json()
     name = fake_success(client, job["id"], steps=(2,))
     response = client.get(f"/v1/models/{name}/content")
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
@@ -277,7 +289,7 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused_at_submission(sqli
     gpt2 = need_shared(STORIES.parents[1] / "tokenizers" / "gpt2" / "tokenizer.json")
     folders = {}
     for case in ("gpt2", "added-pad", "matching", "none"):
-        folders[case] = tmp_path / case
+        folders[case] = tmp_path / "models" / case
         tiny_llama().save_pretrained(folders[case])  # vocab_size 96
     PreTrainedTokenizerFast(tokenizer_file=str(gpt2)).save_pretrained(folders["gpt2"])  # 50257 tokens
     padded = _word_tokenizer(96)
@@ -371,22 +383,3 @@ def test_a_trained_model_downloads_reloads_trains_again_by_name_and_works_with_t
     assert [m.id for m in sdk.models.list().data] == ["stories260K", second]
     with database(settings.resolved_database_url()).session() as s:
         assert s.get(Job, job["id"]).model_deleted_at is not None
-
-
-def test_a_path_into_the_data_folder_is_not_a_model(tmp_path):
-    """Another user's fine-tuned model is reached by name (which checks the owner), never by its folder."""
-
-    from jobs.settings import Settings
-
-    settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
-    folder = settings.data_dir / "jobs" / "ftjob-someone" / "model"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"model_type": "llama"}')
-    with api_client(settings) as client:
-        file_id = client.post("/v1/files", files={"file": ("t.jsonl", b'{"prompt": "a", "response": "b"}\n')}
-                              ).json()["id"]
-        for reference in (str(folder), str(settings.data_dir / "jobs" / ".." / "jobs" / "ftjob-someone" / "model")):
-            answer = client.post("/v1/fine_tuning/jobs", json={"model": reference, "training_file": file_id})
-            assert answer.status_code == 422, answer.text
-            error = answer.json()["error"]
-            assert error["param"] == "model" and "data folder" in error["message"]

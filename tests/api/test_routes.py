@@ -5,6 +5,7 @@ No worker runs here: jobs stay queued (the end-to-end tests run them through a r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,9 @@ def file_id(client):
 
 
 def create(client, model, file_id, **fields):
-    return client.post("/v1/fine_tuning/jobs", json={"model": str(model), "training_file": file_id, **fields})
+    """Submit a job; ``model`` is a name, or a folder under one of the settings' model_dirs (named by its name)."""
+    name = model.name if isinstance(model, Path) else model
+    return client.post("/v1/fine_tuning/jobs", json={"model": name, "training_file": file_id, **fields})
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -181,7 +184,8 @@ def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
     ({"seed": -1}, "seed", "greater than or equal to 0"),
     ({"training_file": "file-nope"}, "training_file", "no uploaded file"),
     ({"validation_file": "file-nope"}, "validation_file", "no uploaded file"),
-    ({"model": "/no/such/model"}, "model", "neither a model folder"),
+    ({"model": "/no/such/model"}, "model", "not a path"),
+    ({"model": "no-such-model"}, "model", "neither a registered model"),
     ({"model": ""}, "model", "at least 1"),
     ({"suffix": "has space"}, "suffix", "pattern"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16"),
@@ -191,7 +195,7 @@ def test_a_registered_model_name_resolves(client, tiny_model_dir, file_id):
     ({"priority": 101}, "priority", "less than or equal to 100"),
 ])
 def test_bad_job_requests_are_422_naming_the_field(client, tiny_model_dir, file_id, fields, param, needle):
-    body = {"model": str(tiny_model_dir), "training_file": file_id, **fields}
+    body = {"model": tiny_model_dir.name, "training_file": file_id, **fields}
     error = error_of(client.post("/v1/fine_tuning/jobs", json=body), 422)
     assert error["param"] == param, error
     assert needle in error["message"], error
@@ -400,7 +404,7 @@ def test_a_bad_evaluation_is_refused_at_submission_naming_the_task_or_the_line(c
     missing = upload(client, lines[0] + b"\n" + json.dumps({"question": "q", "label": True}).encode() + b"\n",
                      "missing.jsonl", purpose="eval").json()["id"]
     answer = client.post("/v1/fine_tuning/jobs", json={
-        "model": str(tiny_model_dir), "training_file": file_id,
+        "model": tiny_model_dir.name, "training_file": file_id,
         "evals": [{"task": "copa", "file": missing}, {"task": "boolq", "file": missing}]})
     error = error_of(answer, 422)
     problems = [error, *error.get("details", [])]

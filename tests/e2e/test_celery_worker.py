@@ -3,6 +3,7 @@ broker. Jobs are submitted through the REST API and train stories260K for real."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import lifecycle
+from jobs import catalog, lifecycle
 from jobs.db import database
 from jobs.queue import enqueue
 from jobs.schemas import JobCreate
@@ -40,7 +41,7 @@ class Service:
         self.file_id = self.api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
 
     def submit(self, **fields) -> str:
-        body = {"model": str(STORIES), "training_file": self.file_id, "hyperparameters": SMALL, **fields}
+        body = {"model": STORIES.name, "training_file": self.file_id, "hyperparameters": SMALL, **fields}
         response = self.api.post("/v1/fine_tuning/jobs", json=body)
         assert response.status_code == 200, response.text
         return response.json()["id"]
@@ -71,7 +72,7 @@ def live(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param.replace("+", "-"))
     env = {**os.environ, "LOMO_DATA_DIR": str(tmp / "var"), "LOMO_QUEUE": f"lomo-test-{uuid.uuid4().hex[:8]}",
            "LOMO_FLUSH_INTERVAL_S": "0.3", "LOMO_DEVICE": "cpu", "LOMO_CANCEL_GRACE_S": "20",
-           "LOMO_WORKER_NAME": f"e2e-{request.param}"}
+           "LOMO_WORKER_NAME": f"e2e-{request.param}", "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)])}
     env.pop("LOMO_DATABASE_URL", None)
     env.pop("LOMO_BROKER_URL", None)
     pg_url = None
@@ -80,7 +81,7 @@ def live(request, tmp_path_factory):
         env.update(LOMO_DATABASE_URL=pg_url, LOMO_BROKER_URL=REDIS_URL)
     settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=env.get("LOMO_DATABASE_URL"),
                         broker_url=env.get("LOMO_BROKER_URL"), queue=env["LOMO_QUEUE"], flush_interval_s=0.3,
-                        device="cpu")
+                        device="cpu", model_dirs=[STORIES.parent])
     settings.data_dir.mkdir(parents=True)
     log = tmp / "worker.log"
     with log.open("wb") as out:
@@ -154,8 +155,10 @@ def test_a_job_whose_model_folder_is_missing_fails_clearly(live, tmp_path):
     model = tmp_path / "stories-copy"
     shutil.copytree(STORIES, model)
     with database(live.settings.resolved_database_url()).session() as s:
+        catalog.register_model(s, live.settings, live.settings.default_user, model.name, str(model))
+    with database(live.settings.resolved_database_url()).session() as s:
         job = lifecycle.create_job(s, live.settings, live.settings.default_user,
-                                 JobCreate(model=str(model), training_file=live.file_id))
+                                 JobCreate(model=model.name, training_file=live.file_id))
     shutil.rmtree(model)  # removed after submission, before a worker picks the job up
     enqueue(live.settings, job.id)
     done = live.wait(job.id)

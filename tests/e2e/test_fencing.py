@@ -95,7 +95,7 @@ class Cluster:
         return [log for _process, log in self.workers.values()]
 
     def body(self, **hyper) -> dict:
-        return {"model": str(STORIES), "training_file": self.file_id, "seed": 5,
+        return {"model": STORIES.name, "training_file": self.file_id, "seed": 5,
                 "hyperparameters": {**JOB, "max_steps": STEPS, **hyper}}
 
     def submit(self, body: dict) -> str:

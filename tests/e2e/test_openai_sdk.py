@@ -160,3 +160,50 @@ def test_a_retried_create_with_the_same_idempotency_key_makes_one_job(sdk, train
     assert again.id == first.id
     assert len(list(client.fine_tuning.jobs.list(limit=100))) == before + 1
     client.fine_tuning.jobs.cancel(first.id)
+
+
+def test_two_users_with_their_own_keys_see_and_touch_only_their_own(sdk):
+    import httpx
+
+    _admin, service = sdk
+    keys = {}
+    for name in ("ann-sdk", "bob-sdk"):
+        made = httpx.post(f"{service.url}/v1/admin/users", json={"name": name}, headers=service.headers)
+        assert made.status_code == 200, made.text
+        keys[name] = made.json()["api_key"]
+    ann = openai.OpenAI(base_url=service.url + "/v1", api_key=keys["ann-sdk"]["key"], max_retries=0)
+    bob = openai.OpenAI(base_url=service.url + "/v1", api_key=keys["bob-sdk"]["key"], max_retries=0)
+    file = ann.files.create(file=("ann.jsonl", TRAINING), purpose="fine-tune")
+    job = ann.fine_tuning.jobs.create(model="stories260K", training_file=file.id,
+                                      method=method(**{**SMALL, "max_steps": 2}))
+    done = wait(ann, job.id, service)
+    assert done.status == "succeeded", service.log_tail()
+    model = done.fine_tuned_model
+
+    # bob: nothing of ann's is listed, and every id of hers is "not found", as an unknown one
+    assert file.id not in [f.id for f in bob.files.list()]
+    assert job.id not in [j.id for j in bob.fine_tuning.jobs.list()]
+    assert model not in [m.id for m in bob.models.list()]
+    for attempt in (lambda: bob.files.retrieve(file.id), lambda: bob.files.content(file.id),
+                    lambda: bob.files.delete(file.id), lambda: bob.fine_tuning.jobs.retrieve(job.id),
+                    lambda: bob.fine_tuning.jobs.cancel(job.id), lambda: bob.fine_tuning.jobs.list_events(job.id),
+                    lambda: bob.fine_tuning.jobs.checkpoints.list(job.id), lambda: bob.models.retrieve(model),
+                    lambda: bob.models.delete(model)):
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    for body, param in (({"model": "stories260K", "training_file": file.id}, "training_file"),
+                        ({"model": model, "training_file": bob.files.create(
+                            file=("bob.jsonl", TRAINING), purpose="fine-tune").id}, "model")):
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            bob.fine_tuning.jobs.create(**body)
+        assert refused.value.body["param"] == param
+    # ann still has all of it, and may train on her own model
+    assert ann.files.retrieve(file.id).id == file.id and ann.models.retrieve(model).owned_by == done.organization_id
+    again = ann.fine_tuning.jobs.create(model=model, training_file=file.id, method=method(max_steps=1))
+    assert ann.fine_tuning.jobs.cancel(again.id).status in ("cancelled", "running")
+    # a revoked key is refused from the next request on
+    assert httpx.delete(f"{service.url}/v1/admin/keys/{keys['bob-sdk']['id']}", headers=service.headers).is_success
+    with pytest.raises(openai.AuthenticationError):
+        bob.files.list()
+    ann.close()
+    bob.close()

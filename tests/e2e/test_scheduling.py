@@ -97,7 +97,7 @@ def test_jobs_of_mixed_sizes_and_priorities_share_the_gpus_of_a_node(node):
     file_id = api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
 
     def submit(gpus: int, priority: int = 0, **hyper) -> str:
-        body = {"model": str(STORIES), "training_file": file_id, "gpus": gpus, "priority": priority,
+        body = {"model": STORIES.name, "training_file": file_id, "gpus": gpus, "priority": priority,
                 "hyperparameters": {**TINY, **hyper}}
         response = api.post("/v1/fine_tuning/jobs", json=body)
         assert response.status_code == 200, response.text

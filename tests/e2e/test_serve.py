@@ -54,11 +54,16 @@ def test_serve_runs_a_job_with_zero_configuration(tmp_path):
         assert str(key_file) in log.read_text() and key_file.read_text().strip() not in log.read_text()
         client = LomoClient(f"http://127.0.0.1:{port}", api_key=key_file.read_text().strip())
         with pytest.raises(ApiError) as refused:
-            client.create_job(str(STORIES), "file-none")
+            client.create_job("stories260K", "file-none")
         assert refused.value.status == 422 and refused.value.param == "training_file"
-
         file = client.upload_file(need_shared(INSTRUCT))
-        job = client.create_job(str(STORIES), file["id"], hyperparameters={"max_steps": 3, "max_seq_len": 128})
+        with pytest.raises(ApiError) as refused:  # jobs name models, never paths
+            client.create_job(str(STORIES), file["id"])
+        assert refused.value.status == 422 and refused.value.param == "model"
+        assert client.register_model("stories260K", STORIES)["id"] == "stories260K"  # the admin registers it
+        assert client.me()["is_admin"] is True
+
+        job = client.create_job("stories260K", file["id"], hyperparameters={"max_steps": 3, "max_seq_len": 128})
         job = client.wait(job["id"], timeout=180, poll=0.3)
         assert job["status"] == "succeeded", (job, log.read_text()[-3000:])
         assert [m["step"] for m in client.metrics(job["id"], kind="train")] == [1, 2, 3]

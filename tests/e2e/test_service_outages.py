@@ -80,7 +80,7 @@ def test_jobs_run_once_each_through_a_broker_that_restarts_empty(node):
     file_id = api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
 
     def submit(steps: int) -> str:
-        body = {"model": str(STORIES), "training_file": file_id,
+        body = {"model": STORIES.name, "training_file": file_id,
                 "hyperparameters": {"max_steps": steps, "batch_size": 4, "max_seq_len": 64}}
         answer = api.post("/v1/fine_tuning/jobs", json=body)
         assert answer.status_code == 200, answer.text

@@ -101,7 +101,7 @@ def test_a_killed_workers_job_resumes_elsewhere_to_the_weights_of_an_uninterrupt
     file_id = api.post("/v1/files", files={"file": ("alpaca.json", INSTRUCT.read_bytes())}).json()["id"]
     # on 2 ranks (ZeRO-3, each rank's partitions in the checkpoint) a shorter job: a step costs more there
     hyper = JOB if ranks == 1 else {**JOB, "max_steps": 40}
-    body = {"model": str(STORIES), "training_file": file_id, "seed": 5, "hyperparameters": hyper,
+    body = {"model": STORIES.name, "training_file": file_id, "seed": 5, "hyperparameters": hyper,
             **({"gpus": ranks} if ranks > 1 else {})}
     job_id = api.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     wait(api, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 12, logs=logs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -19,13 +18,13 @@ from jobs.states import IllegalTransition, JobStatus, transition_values
 @pytest.fixture
 def env(tmp_path, database_url, tiny_model_dir):
     upgrade(database_url)
-    settings = Settings(data_dir=tmp_path / "var", database_url=database_url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[tiny_model_dir.parent])
     db = database(database_url)
     upload = tmp_path / "up.part"
     upload.write_text('{"prompt": "a", "response": "b"}\n')
     with db.session() as s:
         row = files.store_file(s, settings, "ann", "d.jsonl", "fine-tune", upload)
-        job = lifecycle.create_job(s, settings, "ann", JobCreate(model=str(tiny_model_dir), training_file=row.id))
+        job = lifecycle.create_job(s, settings, "ann", JobCreate(model=tiny_model_dir.name, training_file=row.id))
     return settings, db, job.id
 
 
@@ -109,10 +108,10 @@ def test_progress_records_become_rows_and_an_estimate(env):
         assert any("skipped" in e.message and e.level == "warning" for e in events)
 
 
-def test_model_references_resolve_to_folders_or_registered_names(tmp_path, tiny_model_dir):
+def test_registered_names_resolve_to_their_folders_and_nothing_else_does(tmp_path, tiny_model_dir):
     settings = Settings(data_dir=tmp_path, model_dirs=[tiny_model_dir.parent])
-    assert catalog.resolve_model(settings, str(tiny_model_dir)) == tiny_model_dir.resolve()
-    assert catalog.resolve_model(settings, tiny_model_dir.name) == tiny_model_dir.resolve()
-    assert catalog.resolve_model(settings, "nothing-like-it") is None
-    assert catalog.resolve_model(settings, str(Path(tiny_model_dir) / "config.json")) is None
+    assert catalog.registered_folder(settings, tiny_model_dir.name) == tiny_model_dir.resolve()
     assert tiny_model_dir.name in catalog.registered_models(settings)
+    for not_a_name in (str(tiny_model_dir), f"../{tiny_model_dir.parent.name}/{tiny_model_dir.name}", "..", ".",
+                       "nothing-like-it", f"{tiny_model_dir.name}/config.json", "a\x00b", "x" * 5000):
+        assert catalog.registered_folder(settings, not_a_name) is None, not_a_name

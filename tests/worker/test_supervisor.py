@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,9 +40,12 @@ def submit(settings, db, model, data_path=None, content=None, gpus=None, priorit
     else:
         upload.write_text(content)
     name = data_path.name if data_path is not None else "d.jsonl"
+    model = Path(model)
+    if model.parent not in settings.model_dirs:  # jobs name registered models: the folder's parent is one
+        settings.model_dirs.append(model.parent)
     with db.session() as s:
         row = files.store_file(s, settings, "ann", name, "fine-tune", upload)
-        job = lifecycle.create_job(s, settings, "ann", JobCreate(model=str(model), training_file=row.id,
+        job = lifecycle.create_job(s, settings, "ann", JobCreate(model=model.name, training_file=row.id,
                                                                hyperparameters=hyper, gpus=gpus,
                                                                priority=priority, evals=evals or []))
     return job.id

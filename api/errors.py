@@ -3,9 +3,9 @@
 
 401 without a valid API key, 403 for a route of admins, 422 for input that is wrong (the field or the line
 named), 404 for unknown ids (and another user's), 409 for a request that conflicts with a job's state,
-413 for an upload over the limit, 429 over a quota (the limit, its value and the use named), 503 (with
-Retry-After) while the database cannot be reached. Anything a client sends gets one of these, not a
-500; a 500 is a bug of ours and says only its exception's type.
+413 for an upload over the limit, 415 for a body of the wrong kind, 429 over a quota (the limit, its
+value and the use named), 503 (with Retry-After) while the database cannot be reached. Anything a
+client sends gets one of these, not a 500; a 500 is a bug of ours and says only its exception's type.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorResponse
@@ -30,6 +31,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}, 404: {
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorResponse}}
 FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"model": ErrorResponse}}
 OVER_QUOTA: dict[int | str, dict[str, Any]] = {429: {"model": ErrorResponse}}
+UNSUPPORTED: dict[int | str, dict[str, Any]] = {415: {"model": ErrorResponse}}
 TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {"model": ErrorResponse}}
 
 
@@ -44,7 +46,12 @@ def _param_of(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    whole_body = [e for e in exc.errors() if tuple(e.get("loc", ())) == ("body",)]
+    if whole_body and kind and kind != "application/json" and not kind.endswith("+json"):
+        return error_response(415, f"the request body must be JSON (Content-Type: application/json), not {kind[:80]}",
+                              "unsupported_media_type")
     details = []
     for item in exc.errors():
         param = _param_of(tuple(item.get("loc", ())))
@@ -77,6 +84,10 @@ async def _forbidden(_request: Request, exc: errors.Forbidden) -> JSONResponse:
     response = error_response(403, str(exc), exc.code, exc.param, kind="permission_error")
     response.headers["x-should-retry"] = "false"
     return response
+
+
+async def _unsupported(_request: Request, exc: errors.UnsupportedMediaType) -> JSONResponse:
+    return error_response(415, str(exc), "unsupported_media_type", exc.param)
 
 
 async def _over_quota(_request: Request, exc: errors.QuotaExceeded) -> JSONResponse:
@@ -119,7 +130,39 @@ async def _internal(_request: Request, exc: Exception) -> JSONResponse:  # a bug
                           "internal_error", kind="server_error")
 
 
+async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+    # A value the database refuses (a NUL byte in text, a string over its column, a number out of range)
+    # that validation let through: the client's input, so a 422, never a 500; logged to be bounded at
+    # the field next time.
+    log.warning("the database refused a value of %s %s: %s", request.method, request.url.path,
+                str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
+    return error_response(422, "a value of the request cannot be stored (too long, out of range, or with a NUL "
+                               "byte)", "invalid_request")
+
+
+class ControlCharactersInUrl:
+    """ASGI middleware: a path or query string with a control character (NUL, a newline...) is answered
+    422 at once; no id or parameter of this API has one, and the database refuses NUL in text."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            from urllib.parse import unquote
+
+            raw = scope.get("path", "") + "?" + unquote(scope.get("query_string", b"").decode("latin-1"))
+            if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+                response = error_response(422, "the URL holds a control character (NUL, a newline...): no id or "
+                                               "parameter of this API has one", "invalid_request")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
+    app.add_middleware(ControlCharactersInUrl)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(errors.InvalidRequest, _invalid)
     app.add_exception_handler(errors.NotFound, _not_found)
@@ -127,6 +170,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.Unauthorized, _unauthorized)
     app.add_exception_handler(errors.Forbidden, _forbidden)
     app.add_exception_handler(errors.QuotaExceeded, _over_quota)
+    app.add_exception_handler(errors.UnsupportedMediaType, _unsupported)
     app.add_exception_handler(StarletteHTTPException, _http)
     for unreachable in UNREACHABLE:
         app.add_exception_handler(unreachable, _unreachable)

@@ -304,3 +304,69 @@ class RegisteredModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[RegisteredModelObject]
     has_more: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- webhooks
+class WebhookEndpointObject(BaseModel):
+    """OpenAI's ``webhook_endpoint``."""
+
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    id: str
+    name: str
+    url: str
+    event_types: list[str]
+    created_at: int
+    updated_at: int | None = None
+    signing_secret_hint: str | None = None
+
+
+class WebhookEndpointWithSecret(WebhookEndpointObject):
+    """Returned at creation and rotation only: the ``whsec_...`` secret that signs the deliveries."""
+
+    signing_secret: str
+
+
+class WebhookEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointObject]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class WebhookEndpointDeleted(BaseModel):
+    object: Literal["webhook_endpoint.deleted"] = "webhook_endpoint.deleted"
+    id: str
+    deleted: bool = True
+
+
+class WebhookTestResult(BaseModel):
+    object: Literal["webhook_endpoint.test"] = "webhook_endpoint.test"
+    webhook_endpoint_id: str
+    event_type: str
+    status_code: int = Field(description="the receiver's answer (0: none: it could not be reached)")
+    success: Literal[True] = True
+    error: str | None = None
+
+
+class WebhookDeliveryObject(BaseModel):
+    """One event sent (or to be sent) to an endpoint: its attempts and the receiver's last answer."""
+
+    object: Literal["webhook_endpoint.delivery"] = "webhook_endpoint.delivery"
+    id: str = Field(description="the webhook-id header of every attempt")
+    event_id: str
+    event_type: str
+    job_id: str | None = None
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None = None
+    last_error: str | None = None
+    created_at: int
+    next_attempt_at: int | None = None
+    delivered_at: int | None = None
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryObject]
+    has_more: bool = False

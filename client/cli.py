@@ -222,12 +222,35 @@ def worker(
     concurrency: int | None = typer.Option(
         None, min=1, help="jobs run at once by this worker (default: one per GPU of the node, 1 on a CPU node)"),
     loglevel: str = typer.Option("info", help="debug | info | warning | error"),
+    webhooks: bool = typer.Option(True, "--webhooks/--no-webhooks",
+                                  help="also deliver webhooks (a child process with a few threads, on the "
+                                       "webhooks queue)"),
+    webhooks_only: bool = typer.Option(False, "--webhooks-only", hidden=True,
+                                       help="only deliver webhooks (the child that --webhooks starts)"),
 ) -> None:
-    """Start a Celery worker that runs fine-tuning jobs (reads LOMO_DATABASE_URL / LOMO_BROKER_URL)."""
+    """Start a Celery worker that runs fine-tuning jobs (reads LOMO_DATABASE_URL / LOMO_BROKER_URL), and
+    beside it one that delivers webhooks."""
+    import os
+    import subprocess
+    import sys
+
     settings = _settings()
+    if webhooks_only:
+        os.environ["LOMO_WEBHOOKS_ONLY"] = "1"  # read by worker.app: this worker takes no jobs
+        from jobs.queue import webhook_queue
+        from worker.app import celery_app
+
+        celery_app.worker_main([
+            "worker", "--pool", "threads", "--concurrency", "4", "--queues", webhook_queue(settings),
+            "--loglevel", loglevel, "--hostname", f"lomo-webhooks@{settings.worker_name}", "--without-gossip",
+            "--without-mingle"])
+        return
     from worker.app import celery_app
     from worker.app import settings as node  # with the GPUs found on this node
 
+    if webhooks:
+        subprocess.Popen([sys.executable, "-m", "client.cli", "worker", "--webhooks-only", "--loglevel", loglevel],
+                         preexec_fn=_stop_with_parent)
     slots = concurrency or max(1, len(node.gpu_memory_gib))
     celery_app.worker_main([
         "worker", "--concurrency", str(slots), "--queues", settings.queue, "--loglevel", loglevel,

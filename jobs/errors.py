@@ -32,6 +32,14 @@ class Forbidden(ServiceError):
         self.code, self.param = code, param
 
 
+class UnsupportedMediaType(ServiceError):
+    """A body of a kind the route does not take (415): the message says which it takes."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class QuotaExceeded(ServiceError):
     """A request over one of the caller's quotas: the message names the limit, its value and the use."""
 

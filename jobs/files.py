@@ -22,6 +22,9 @@ from jobs.states import ACTIVE
 from jobs.users import ensure_user
 from lomo_core.data import DataError, check_file
 
+#: the longest name an uploaded file may have (it is kept only as a label: files are stored by id)
+MAX_FILENAME = 255
+
 
 def store_file(
     session: Session, settings: Settings, owner: str, filename: str, purpose: str, upload: Path
@@ -32,6 +35,9 @@ def store_file(
     nothing; a refused upload leaves no trace.
     """
     name = Path(filename or "upload.jsonl").name
+    if len(name) > MAX_FILENAME or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidRequest([Problem("file", f"the file's name must be at most {MAX_FILENAME} characters, with "
+                                              "no control characters")])
     suffix = Path(name).suffix.lower()
     if suffix not in (".jsonl", ".json", ".txt"):
         raise InvalidRequest([Problem("file", f"{name!r}: expected a .jsonl, .json or .txt file")])

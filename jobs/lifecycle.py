@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs import idempotency, quotas
+from jobs import idempotency, quotas, webhooks
 from jobs.admission import checked_request, predict_memory
 from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
 from jobs.events import add_event
@@ -122,6 +122,7 @@ def cancel_job(session: Session, owner: str | None, job_id: str) -> Job:
         session.refresh(job)
         return cancel_job(session, owner, job_id)
     add_event(session, job.id, "job cancelled before it started")
+    webhooks.job_ended(session, job.id, JobStatus.CANCELLED.value)
     session.refresh(job)
     return job
 
@@ -198,6 +199,7 @@ def finish_job(session: Session, job_id: str, outcome: Outcome, attempt: int | N
                     JobStatus.PAUSED: "job paused: its GPUs are free; resume continues from its checkpoint"}.get(
                 outcome.status, f"job failed: {outcome.error_message}")
             add_event(session, job_id, text, "error" if outcome.status is JobStatus.FAILED else "info")
+            webhooks.job_ended(session, job_id, outcome.status.value)
             return outcome.status
     return None
 

@@ -60,3 +60,32 @@ def enqueue(settings: Settings, job_id: str, countdown: float | None = None, pol
     app.send_task(RUN_JOB, args=[job_id], kwargs={} if poll else {"poll": False}, queue=settings.queue,
                   countdown=countdown, retry=True,
                   retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+
+
+DELIVER_WEBHOOK = "lomo.deliver_webhook"
+
+
+def webhook_queue(settings: Settings) -> str:
+    """The queue of webhook deliveries: its own, so that a delivery never waits behind a training job
+    (``lomo worker`` runs a small pool of threads for it beside the training worker)."""
+    return f"{settings.queue}.webhooks"
+
+
+def send_delivery(settings: Settings, delivery_id: str, countdown: float | None = None) -> None:
+    """Send ``deliver_webhook(delivery_id)`` (after ``countdown`` seconds). A duplicate is harmless: an
+    attempt takes the delivery with a conditional UPDATE."""
+    app = _producer(settings.model_dump_json())
+    app.send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=webhook_queue(settings), countdown=countdown,
+                  retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+
+
+def dispatch_due_webhooks(settings: Settings, db) -> int:
+    """Send the task of every delivery that is due (the first attempt of an event just written, or one
+    whose message was lost); returns how many were sent."""
+    from jobs import webhooks
+
+    with db.session() as session:
+        ids = webhooks.due(session)
+    for delivery_id in ids:
+        send_delivery(settings, delivery_id)
+    return len(ids)

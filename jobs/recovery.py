@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, text, update
 
-from jobs import leases
+from jobs import leases, webhooks
 from jobs.db import UNREACHABLE, Database
 from jobs.events import add_event
 from jobs.models import Job, aware, utcnow
@@ -89,5 +89,6 @@ def _recover_one(db: Database, settings: Settings, now: datetime, job_id: str, s
             return False  # it wrote a heartbeat, ended, or another worker recovered it meanwhile
         leases.release(session, job_id)  # every attempt's: the lost one holds them no more
         add_event(session, job_id, message, level)
+        webhooks.job_ended(session, job_id, values["status"])  # cancelled, paused or failed: an event
         log.warning("job %s: %s", job_id, message)
         return values["status"] == JobStatus.QUEUED.value

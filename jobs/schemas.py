@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -50,6 +51,19 @@ AUTO_EPOCHS = 1
 #: ``batch_size: "auto"`` chooses the largest of these that the memory model says fits (and no more
 #: than the training file has records)
 AUTO_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+def _printable(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters (NUL, newlines, tabs...)")
+    return value
+
+
+#: a free-text label (a name, a note): no control characters, which the database or logs would choke on
+Label = Annotated[str, AfterValidator(_printable)]
+
+#: the largest whole number a job's settings may hold (what the database's integer columns take)
+MAX_COUNT = 2**31 - 1
+#: the largest number (floats: learning rates, ratios, minutes, norms)
+MAX_NUMBER = 1e9
 
 
 def _count_or_auto(value: Any) -> int | str:
@@ -59,6 +73,8 @@ def _count_or_auto(value: Any) -> int | str:
         raise ValueError(f'must be a whole number or "auto", got {value!r}')
     if value < 1:
         raise ValueError('must be at least 1, or "auto"')
+    if value > MAX_COUNT:
+        raise ValueError(f"must be at most {MAX_COUNT}")
     return value
 
 
@@ -67,8 +83,8 @@ def _positive_or_auto(value: Any) -> float | str:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f'must be a number or "auto", got {value!r}')
-    if not 0 < value < float("inf"):
-        raise ValueError('must be greater than 0, or "auto"')
+    if not 0 < value <= MAX_NUMBER:
+        raise ValueError(f'must be greater than 0 and at most {MAX_NUMBER:g}, or "auto"')
     return float(value)
 
 
@@ -81,11 +97,19 @@ PositiveOrAuto = Annotated[float | Auto, PlainValidator(_positive_or_auto),
 
 
 def _optional(name: str) -> tuple[Any, Any]:
+    """A training setting as a job takes it: optional, and bounded above (TrainConfig checks the rest),
+    so that no number too large for the database or for a run gets in."""
     field = TrainConfig.model_fields[name]
     description = field.description or ""
     if field.default is not None:
         description = (description + f" (default {field.default})").strip()
-    return field.annotation | None, Field(None, description=description)
+    kinds = set(getattr(field.annotation, "__args__", ())) or {field.annotation}
+    bound: dict[str, Any] = {}
+    if int in kinds:
+        bound = {"le": MAX_COUNT}
+    elif float in kinds:
+        bound = {"le": MAX_NUMBER, "allow_inf_nan": False}
+    return field.annotation | None, Field(None, description=description, **bound)
 
 
 _Ours = create_model(  # type: ignore[call-overload]

@@ -80,6 +80,16 @@ class Settings(BaseSettings):
     #: bytes of files a user may keep uploaded (deleting files frees them); an upload past it is refused
     #: (429) while it streams
     quota_upload_bytes: int | None = Field(None, gt=0)
+    #: webhooks: a delivery that fails (no answer, or not a 2xx) is tried again after this long, doubled
+    #: each time up to ``webhook_retry_max_s``, until ``webhook_retry_for_s`` after the event; then failed
+    webhook_retry_base_s: float = Field(5.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_retry_for_s: float = Field(3 * 24 * 3600.0, gt=0)
+    #: seconds a receiver has to answer one delivery
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    #: let endpoints be on loopback, link-local and private addresses (the node itself, its network,
+    #: cloud metadata services); off, such URLs are refused when registered and when delivered to
+    webhook_allow_private: bool = False
     #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication

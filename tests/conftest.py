@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.server
 import os
+import socket
+import threading
 import uuid
 from pathlib import Path
 
@@ -176,3 +179,35 @@ def api_client(settings, user: str | None = None, **kwargs):
         yield client
     finally:
         client.__exit__(None, None, None)
+
+
+class Receiver:
+    """An HTTP receiver on 127.0.0.1 that answers ``codes`` in turn (then 200) and keeps what it got."""
+
+    def __init__(self, codes: list[int] | None = None, port: int = 0) -> None:
+        self.codes, self.got = list(codes or []), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (the standard library's name)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.got.append((dict(self.headers.items()), body))
+                self.send_response(outer.codes.pop(0) if outer.codes else 200)
+                self.end_headers()
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,8 @@
 """The Celery app of the workers: ``lomo worker`` (or ``celery -A worker.app worker``).
 
-One task, ``lomo.run_job(job_id)``. Messages are acknowledged only when the job has ended
+Two tasks: ``lomo.run_job(job_id)``, and ``lomo.deliver_webhook(delivery_id)`` on a queue of its own
+(``jobs.webhooks``; ``lomo worker`` runs a few threads for it beside the training worker). A job's
+messages are acknowledged only when the job has ended
 (``acks_late``) and a worker takes one at a time (prefetch 1); a duplicated or re-delivered message
 is harmless because the job is claimed with one conditional UPDATE. When a worker starts it applies
 the migrations and sends a wake-up per slot while jobs are queued, so a job whose message was lost
@@ -13,6 +15,7 @@ needs no worker restart either.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -20,9 +23,9 @@ from celery.signals import worker_init, worker_ready
 from kombu.exceptions import KombuError
 from sqlalchemy.exc import IntegrityError
 
-from jobs import leases, lifecycle, nodes
+from jobs import leases, lifecycle, nodes, webhooks
 from jobs.db import UNREACHABLE
-from jobs.queue import RUN_JOB, enqueue, make_celery
+from jobs.queue import DELIVER_WEBHOOK, RUN_JOB, dispatch_due_webhooks, enqueue, make_celery, send_delivery
 from jobs.recovery import recover_lost
 from jobs.settings import Settings, get_settings
 from worker.supervisor import JobRunner
@@ -51,7 +54,22 @@ app = celery_app  # `celery -A worker.app` finds it under either name
 
 @celery_app.task(name=RUN_JOB)
 def run_job(job_id: str, poll: bool = True) -> str:
-    return JobRunner(settings).run(job_id, poll=poll)
+    outcome = JobRunner(settings).run(job_id, poll=poll)
+    if outcome not in ("skipped", "waiting"):  # a job ended (or paused): its webhooks go out now
+        try:
+            dispatch_due_webhooks(settings, settings.worker_database())
+        except Exception as e:  # the watch sends them within a few seconds anyway
+            log.warning("could not send the webhook deliveries: %s", e)
+    return outcome
+
+
+@celery_app.task(name=DELIVER_WEBHOOK)
+def deliver_webhook(delivery_id: str) -> None:
+    """One attempt of a webhook delivery (``jobs.webhooks.attempt``); a failed one is sent again after
+    its backoff."""
+    wait = webhooks.attempt(settings.worker_database(), settings, delivery_id)
+    if wait is not None:
+        send_delivery(settings, delivery_id, countdown=wait)
 
 
 @worker_init.connect
@@ -65,6 +83,8 @@ def _migrate(**_kwargs) -> None:
 
 @worker_ready.connect
 def _at_start(sender=None, **_kwargs) -> None:
+    if os.environ.get("LOMO_WEBHOOKS_ONLY"):  # the webhooks worker beside a training worker: no node of its own
+        return
     slots = getattr(getattr(sender, "controller", None), "concurrency", None)
     try:
         start_node(settings, slots)
@@ -74,10 +94,11 @@ def _at_start(sender=None, **_kwargs) -> None:
 
 def watch_the_queue(settings: Settings, slots: int | None = None, stop: threading.Event | None = None) -> None:
     """In every worker, every quarter of ``heartbeat_timeout_s`` (at most 30 s): put the running jobs whose
-    worker was lost back in the queue (``jobs.recovery``) and wake the workers for them; and while this
+    worker was lost back in the queue (``jobs.recovery``) and wake the workers for them; while this
     node has free GPUs (free slots on a CPU node) and jobs are queued, send a wake-up per free one
     (``wake_idle``), so that jobs whose messages the broker lost (a restart of Redis without persistence,
-    a job submitted while it was down) start without a worker restart."""
+    a job submitted while it was down) start without a worker restart; and send the webhook deliveries
+    that are due (a new event's, or one whose message was lost)."""
     stop = stop or threading.Event()
     db = settings.worker_database()
     interval = max(0.2, min(settings.heartbeat_timeout_s / 4, 30.0))
@@ -90,6 +111,7 @@ def watch_the_queue(settings: Settings, slots: int | None = None, stop: threadin
                 for job_id in recover_lost(db, settings):
                     enqueue(settings, job_id)
             wake_idle(settings, db, slots or startup_wake_ups(settings))
+            dispatch_due_webhooks(settings, db)
         except (*UNREACHABLE, KombuError, OSError) as error:  # the database or the broker is away for now
             if isinstance(error, UNREACHABLE):
                 unreachable_at = time.monotonic()

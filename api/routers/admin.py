@@ -25,6 +25,7 @@ from api.schemas import (
 from api.views import unix
 from jobs import catalog, quotas, users
 from jobs.models import ApiKey, RegisteredModel, User
+from jobs.schemas import Label
 from jobs.settings import Settings
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -39,7 +40,7 @@ class UserCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=64, description="letters, digits, '.', '_', '-'")
     admin: bool = False
-    key_name: str | None = Field(None, max_length=200, description="a note on the first key (who or what uses it)")
+    key_name: Label | None = Field(None, max_length=200, description="a note on the first key (who or what uses it)")
     quotas: dict[str, QuotaValue] | None = Field(None, description="overrides: running_jobs, queued_jobs, "
                                                                    "gpu_hours, upload_bytes (null: no limit)")
 
@@ -57,14 +58,14 @@ class UserUpdate(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=200)
+    name: Label | None = Field(None, max_length=200)
 
 
 class ModelRegister(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, description="what jobs name it (\"model\": NAME)")
-    path: str = Field(min_length=1, max_length=4096, description="an absolute folder of the service's host with "
+    path: Label = Field(min_length=1, max_length=4096, description="an absolute folder of the service's host with "
                                                                  "a config.json (never shown back)")
 
 

@@ -24,12 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
-from api.errors import CONFLICT, ERRORS, OVER_QUOTA, TOO_LARGE, error_response
+from api.errors import CONFLICT, ERRORS, OVER_QUOTA, TOO_LARGE, UNSUPPORTED, error_response
 from api.schemas import FileDeleted, FileList, FileObject
 from api.views import file_object
 from jobs import files, idempotency, quotas
 from jobs.db import Database
-from jobs.errors import InvalidRequest, NotFound, Problem
+from jobs.errors import InvalidRequest, NotFound, Problem, UnsupportedMediaType
 from jobs.schemas import FilePurpose
 from jobs.settings import Settings
 
@@ -194,9 +194,8 @@ def _boundary(content_type: str | None) -> bytes:
     kind, options = parse_options_header(content_type)
     if kind != b"multipart/form-data":
         got = f"; got Content-Type {content_type!r}" if content_type else "; the request has no Content-Type"
-        # no multipart body, no file part: named as the missing file, like a body without one
-        raise InvalidRequest([Problem("file", "the request body must be multipart/form-data with a 'file' part "
-                                              "(and optionally 'purpose')" + got)])
+        raise UnsupportedMediaType("the request body must be multipart/form-data with a 'file' part (and "
+                                   "optionally 'purpose')" + got, param="file")
     boundary = options.get(b"boundary")
     if not boundary:
         raise InvalidRequest([Problem(None, "the multipart/form-data Content-Type has no boundary")])
@@ -240,7 +239,7 @@ def _upload_quota(db: Database, settings: Settings, owner: str) -> tuple[int | N
         return quotas.upload_quota(session, settings, owner)
 
 
-@router.post("", response_model=FileObject, responses={**ERRORS, **TOO_LARGE, **OVER_QUOTA},
+@router.post("", response_model=FileObject, responses={**ERRORS, **TOO_LARGE, **OVER_QUOTA, **UNSUPPORTED},
              openapi_extra={"requestBody": UPLOAD_BODY},
              summary="Upload a training or evaluation file (checked line by line)")
 async def upload_file(

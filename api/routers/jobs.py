@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
@@ -23,7 +23,7 @@ from api.views import (
     row_id,
 )
 from jobs import errors, events, idempotency, lifecycle, results
-from jobs.queue import enqueue
+from jobs.queue import dispatch_due_webhooks, enqueue
 from jobs.schemas import JobCreate
 from jobs.states import JobStatus
 
@@ -83,8 +83,19 @@ def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, responses={**ERRORS, **CONFLICT})
-def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> Any:
-    return job_object(lifecycle.cancel_job(session, caller.scope, job_id))
+def cancel_job(job_id: str, session: SessionDep, caller: CallerDep, db: DatabaseDep, settings: SettingsDep,
+               background: BackgroundTasks) -> Any:
+    job = lifecycle.cancel_job(session, caller.scope, job_id)
+    if job.status == JobStatus.CANCELLED.value:  # ended here: its webhooks go out once this commits
+        background.add_task(_send_webhooks, db, settings)
+    return job_object(job)
+
+
+def _send_webhooks(db, settings) -> None:
+    try:
+        dispatch_due_webhooks(settings, db)
+    except Exception as e:  # the workers' watch sends them within seconds anyway
+        log.warning("could not send webhook deliveries: %s", e)
 
 
 @router.post("/{job_id}/pause", response_model=JobObject, responses={**ERRORS, **CONFLICT},

@@ -71,6 +71,7 @@ def test_a_user_sees_only_their_own(client):
 
 # ------------------------------------------------------------------------------------ the whole matrix
 ROW = b'{"prompt": "a", "response": "b"}\n'
+HOOK = "http://127.0.0.1:9/hook"  # nothing answers there: a test delivery says so (status_code 0)
 
 
 class World:
@@ -112,8 +113,12 @@ class World:
         key = self.client.post("/v1/admin/users/ann/keys", json={}).json()["id"]
         name = f"registered-{self.made}"
         assert self.client.post("/v1/admin/models", json={"name": name, "path": str(self.model_dir)}).status_code == 200
+        for old in self.client.get("/v1/webhook_endpoints", headers=self.ann).json()["data"]:
+            self.client.delete(f"/v1/webhook_endpoints/{old['id']}", headers=self.ann)  # a user may have 20
+        hook = self.client.post("/v1/webhook_endpoints", headers=self.ann, json={
+            "name": "h", "url": HOOK, "event_types": ["fine_tuning.job.succeeded"]}).json()["id"]
         return {"file_id": self.upload(self.ann), "job_id": queued, "model_id": model, "user": "ann",
-                "key_id": key, "name": name}
+                "key_id": key, "name": name, "endpoint_id": hook}
 
     def set_status(self, job_id: str, status: str) -> None:
         from jobs.models import Job
@@ -137,6 +142,12 @@ def body_of(world: World, method: str, path: str, headers) -> dict:
         return {"json": {"name": "another"}}
     if (method, path) == ("POST", "/v1/admin/models"):
         return {"json": {"name": f"new-{world.made}", "path": str(world.model_dir)}}
+    if (method, path) == ("POST", "/v1/webhook_endpoints"):
+        return {"json": {"name": "n", "url": HOOK, "event_types": ["fine_tuning.job.failed"]}}
+    if (method, path) == ("POST", "/v1/webhook_endpoints/{endpoint_id}"):
+        return {"json": {"name": "renamed"}}
+    if (method, path) == ("POST", "/v1/webhook_endpoints/{endpoint_id}/test"):
+        return {"json": {"event_type": "fine_tuning.job.succeeded"}}
     return {}
 
 
@@ -149,7 +160,8 @@ def world(tmp_path, tiny_model_dir):
     from jobs.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path / 'lomo.db'}",
-                        model_dirs=[tiny_model_dir.parent], device="cpu")
+                        model_dirs=[tiny_model_dir.parent], device="cpu", webhook_allow_private=True,
+                        webhook_timeout_s=1)
     with api_client(settings) as c:
         yield World(c, settings, tiny_model_dir)
 
@@ -192,16 +204,15 @@ def test_every_route_serves_its_owner_and_admins_and_hides_it_from_other_users(w
                 served = world.client.request(method, url, headers=headers, **body_of(world, method, path, headers))
                 assert 200 <= served.status_code < 300, (who, method, path, served.text)
                 tried += 1
-    assert tried >= 50
+    assert tried >= 64
 
 
 def test_a_users_lists_hold_only_their_own(world):
     objects = world.fresh()
-    for route, field in (("/v1/files", "id"), ("/v1/fine_tuning/jobs", "id"), ("/v1/models", "id")):
-        theirs = {o[field] for o in world.client.get(route, headers=world.ann).json()["data"]}
-        assert theirs & {objects["file_id"], objects["job_id"], objects["model_id"]}, route
-        seen = {o[field] for o in world.client.get(route, headers=world.bob).json()["data"]}
-        assert not seen & {objects["file_id"], objects["job_id"], objects["model_id"]}, route
+    hers = {objects["file_id"], objects["job_id"], objects["model_id"], objects["endpoint_id"]}
+    for route in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models", "/v1/webhook_endpoints"):
+        assert {o["id"] for o in world.client.get(route, headers=world.ann).json()["data"]} & hers, route
+        assert not {o["id"] for o in world.client.get(route, headers=world.bob).json()["data"]} & hers, route
         assert world.client.get(route, headers=world.admin).json()["data"], route
     me = world.client.get("/v1/me", headers=world.bob).json()
     assert me["name"] == "bob" and me["is_admin"] is False and me["usage"]["queued_jobs"] == 0

@@ -208,9 +208,27 @@ def test_a_chunked_upload_split_anywhere_is_parsed_and_kept(sqlite_settings):
     assert not any((sqlite_settings.data_dir / "uploads").iterdir())
 
 
+@pytest.mark.parametrize("body, headers", [(b'{"file": "x"}', {"Content-Type": "application/json"}), (b"", {})])
+def test_an_upload_that_is_not_multipart_is_415(client, settings, body, headers):
+    error = error_of(client.post("/v1/files", content=body, headers=headers), 415)
+    assert error["param"] == "file" and "must be multipart/form-data" in error["message"], error
+    assert leftovers(settings) == []
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".jsonl", "bad\x01name.jsonl", "nul\x00.jsonl"])
+def test_an_upload_name_too_long_or_with_control_characters_is_422(client, settings, name):
+    error = error_of(client.post("/v1/files", content=multipart(GOOD, name), headers=MULTIPART), 422)
+    assert error["param"] == "file" and "at most 255 characters" in error["message"]
+    assert leftovers(settings) == [] and client.get("/v1/files").json()["data"] == []
+
+
+def test_a_json_route_given_another_kind_of_body_is_415(client):
+    answer = client.post("/v1/fine_tuning/jobs", content=b'{"model": "x"}', headers={"Content-Type": "text/plain"})
+    error = error_of(answer, 415)
+    assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+
+
 @pytest.mark.parametrize("body, headers, param, needle", [
-    (b'{"file": "x"}', {"Content-Type": "application/json"}, "file", "must be multipart/form-data"),
-    (b"", {}, "file", "must be multipart/form-data"),
     (multipart(GOOD), {"Content-Type": "multipart/form-data"}, None, "no boundary"),
     (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\neval\r\n--{BOUNDARY}--\r\n".encode(),
      MULTIPART, "file", "required"),

@@ -107,7 +107,7 @@ def test_upload_over_the_size_limit_is_413(client):
 
 def test_bad_purpose_and_missing_file_name_the_field(client):
     assert error_of(upload(client, purpose="pretrain"), 422)["param"] == "purpose"
-    assert error_of(client.post("/v1/files", data={"purpose": "fine-tune"}), 422)["param"] == "file"
+    assert error_of(client.post("/v1/files", data={"purpose": "fine-tune"}), 415)["param"] == "file"  # no multipart
 
 
 def test_text_and_chat_files_are_accepted(client):

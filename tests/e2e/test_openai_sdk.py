@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 
-from tests.conftest import STORIES, need_shared
+from tests.conftest import STORIES, Receiver, free_port, need_shared
 from tests.e2e.live_service import BACKENDS, start_service
 
 #: OpenAI's chat format: a system prompt, several turns, and per-turn weights
@@ -29,7 +29,9 @@ SMALL = {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 0.5, "max_s
 @pytest.fixture(scope="module", params=BACKENDS)
 def sdk(request, tmp_path_factory):
     need_shared(STORIES)
-    service = start_service(request.param, tmp_path_factory.mktemp(request.param.replace("+", "-")))
+    service = start_service(request.param, tmp_path_factory.mktemp(request.param.replace("+", "-")),
+                            # receivers of the webhook test are on this machine; retries come quickly
+                            webhook_allow_private="true", webhook_retry_base_s="0.5", webhook_retry_max_s="1")
     client = openai.OpenAI(base_url=service.url + "/v1", api_key=service.api_key, max_retries=2)
     yield client, service
     client.close()
@@ -207,3 +209,60 @@ def test_two_users_with_their_own_keys_see_and_touch_only_their_own(sdk):
         bob.files.list()
     ann.close()
     bob.close()
+
+
+def test_webhooks_made_with_the_sdk_are_delivered_signed_though_the_receiver_was_down(sdk, training_file):
+    import httpx
+
+    client, service = sdk
+    port = free_port()  # the receiver is down: nothing listens there yet
+    endpoint = client.webhooks.create(name="lab", url=f"http://127.0.0.1:{port}/hook",
+                                      event_types=["fine_tuning.job.succeeded", "fine_tuning.job.cancelled"])
+    assert endpoint.signing_secret.startswith("whsec_") and endpoint.id in [e.id for e in client.webhooks.list()]
+    assert client.webhooks.retrieve(endpoint.id).signing_secret_hint.endswith(endpoint.signing_secret[-4:])
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.webhooks.create(name="x", url="ftp://example.com/", event_types=["fine_tuning.job.succeeded"])
+    assert refused.value.body["param"] == "url"
+    job = client.fine_tuning.jobs.create(model="stories260K", training_file=training_file.id,
+                                         method=method(**{**SMALL, "max_steps": 2}))
+    assert wait(client, job.id, service).status == "succeeded"
+
+    def deliveries() -> list[dict]:
+        answer = httpx.get(f"{service.url}/v1/webhook_endpoints/{endpoint.id}/deliveries", headers=service.headers)
+        return answer.json()["data"]
+
+    deadline = time.monotonic() + 60
+    while not any(d["attempts"] >= 2 for d in deliveries()):  # refused while it is down, and tried again
+        assert time.monotonic() < deadline, (deliveries(), service.log_tail())
+        time.sleep(0.2)
+    (pending,) = deliveries()
+    assert pending["status"] == "pending" and pending["last_status_code"] is None and pending["last_error"]
+    receiver = Receiver(port=port)
+    try:
+        while not receiver.got or deliveries()[0]["status"] != "delivered":
+            assert time.monotonic() < deadline, (deliveries(), service.log_tail())
+            time.sleep(0.2)
+        (done,) = deliveries()
+        assert done["attempts"] >= 3 and done["last_status_code"] == 200 and done["job_id"] == job.id
+        headers, body = receiver.got[0]
+        event = client.webhooks.unwrap(body, headers, secret=endpoint.signing_secret)
+        assert event.type == "fine_tuning.job.succeeded" and event.data.id == job.id
+        assert headers["webhook-id"] == done["id"]
+        with pytest.raises(openai.InvalidWebhookSignatureError):
+            client.webhooks.unwrap(body, headers, secret="whsec_" + "A" * 44)
+        # a job cancelled while queued: its event goes out too; and the SDK's test delivery
+        queued = client.fine_tuning.jobs.create(model="stories260K", training_file=training_file.id,
+                                                method=method(max_steps=1), extra_body={"priority": -100})
+        client.fine_tuning.jobs.cancel(queued.id)
+        tried = client.webhooks.test(endpoint.id, event_type="fine_tuning.job.cancelled")
+        assert tried.status_code == 200 and tried.webhook_endpoint_id == endpoint.id
+        while len(receiver.got) < 3:
+            assert time.monotonic() < deadline, (deliveries(), service.log_tail())
+            time.sleep(0.2)
+        kinds = {client.webhooks.unwrap(b, h, secret=endpoint.signing_secret).type for h, b in receiver.got}
+        assert kinds == {"fine_tuning.job.succeeded", "fine_tuning.job.cancelled"}
+    finally:
+        receiver.close()
+    assert client.webhooks.delete(endpoint.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.webhooks.retrieve(endpoint.id)

@@ -117,7 +117,7 @@ def test_data_that_cannot_train_fails_naming_the_file_and_the_fix(env):
 def test_a_diverging_run_fails_with_nan_loss(env):
     settings, db = env
     job_id = submit(settings, db, need_shared(STORIES), need_shared(INSTRUCT), max_steps=20, batch_size=2,
-                    max_seq_len=128, lr=1e30)
+                    max_seq_len=128, lr=1e9)
     assert JobRunner(settings, db).run(job_id) == "failed"
     job = job_row(db, job_id)
     assert job.error_code == "nan_loss" and "lower lr" in job.error_message

@@ -139,9 +139,12 @@ def cluster(tmp_path_factory):
     url = create_postgres_database()
     env = {**os.environ, "LOMO_DATA_DIR": str(tmp / "var"), "LOMO_QUEUE": f"lomo-fence-{uuid.uuid4().hex[:8]}",
            "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.2",
-           "LOMO_DEVICE": "cpu", "LOMO_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S), "LOMO_REQUEUE_DELAY_S": "1",
+           "LOMO_DEVICE": "cpu",
+           "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)]),
+           "LOMO_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S), "LOMO_REQUEUE_DELAY_S": "1",
            "LOMO_MAX_RECOVERIES": "1"}
-    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=url, broker_url=REDIS_URL,
+    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), model_dirs=[STORIES.parent],
+                        database_url=url, broker_url=REDIS_URL,
                         queue=env["LOMO_QUEUE"])
     settings.data_dir.mkdir(parents=True)
     api = open_api_client(settings)

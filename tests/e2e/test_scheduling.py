@@ -9,6 +9,7 @@ killed come back to the jobs that wait for them."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -62,9 +63,12 @@ def node(tmp_path):
     upgrade(url)
     env = {**os.environ, "LOMO_DATA_DIR": str(tmp_path / "var"), "LOMO_QUEUE": f"lomo-sched-{uuid.uuid4().hex[:8]}",
            "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.3",
-           "LOMO_DEVICE": "cpu", "LOMO_GPU_MEMORY_GIB": "[24, 24, 24]", "LOMO_WORKER_NAME": "node-a",
+           "LOMO_DEVICE": "cpu",
+           "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)]),
+           "LOMO_GPU_MEMORY_GIB": "[24, 24, 24]", "LOMO_WORKER_NAME": "node-a",
            "LOMO_REQUEUE_DELAY_S": "1", "LOMO_BACKFILL_LIMIT": str(LIMIT)}
-    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=url, broker_url=REDIS_URL,
+    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), model_dirs=[STORIES.parent],
+                        database_url=url, broker_url=REDIS_URL,
                         queue=env["LOMO_QUEUE"], gpu_memory_gib=[24, 24, 24], device="cpu")
     settings.data_dir.mkdir(parents=True)
     api = open_api_client(settings)

@@ -6,6 +6,7 @@ processes: Postgres, Redis servers, `lomo worker`, `lomo serve`, stories260K tra
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -61,8 +62,11 @@ def node(tmp_path):
     url = create_postgres_database()
     env = {**os.environ, "LOMO_DATA_DIR": str(tmp_path / "var"), "LOMO_QUEUE": f"lomo-out-{uuid.uuid4().hex[:8]}",
            "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": broker.url, "LOMO_FLUSH_INTERVAL_S": "0.2",
-           "LOMO_DEVICE": "cpu", "LOMO_HEARTBEAT_TIMEOUT_S": "4", "LOMO_REQUEUE_DELAY_S": "1"}
-    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=url, broker_url=broker.url,
+           "LOMO_DEVICE": "cpu",
+           "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)]),
+           "LOMO_HEARTBEAT_TIMEOUT_S": "4", "LOMO_REQUEUE_DELAY_S": "1"}
+    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), model_dirs=[STORIES.parent],
+                        database_url=url, broker_url=broker.url,
                         queue=env["LOMO_QUEUE"])
     settings.data_dir.mkdir(parents=True)
     workers = running_workers(tmp_path, env, ["node-a"])

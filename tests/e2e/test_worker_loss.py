@@ -5,6 +5,7 @@ Redis, two `lomo worker`s, stories260K training on the CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -69,8 +70,11 @@ def cluster(tmp_path):
     url = create_postgres_database()
     env = {**os.environ, "LOMO_DATA_DIR": str(tmp_path / "var"), "LOMO_QUEUE": f"lomo-rec-{uuid.uuid4().hex[:8]}",
            "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.2",
-           "LOMO_DEVICE": "cpu", "LOMO_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S), "LOMO_REQUEUE_DELAY_S": "1"}
-    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), database_url=url, broker_url=REDIS_URL,
+           "LOMO_DEVICE": "cpu",
+           "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)]),
+           "LOMO_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S), "LOMO_REQUEUE_DELAY_S": "1"}
+    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), model_dirs=[STORIES.parent],
+                        database_url=url, broker_url=REDIS_URL,
                         queue=env["LOMO_QUEUE"])
     settings.data_dir.mkdir(parents=True)
     workers = running_workers(tmp_path, env, ["node-a", "node-b"])

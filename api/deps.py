@@ -42,12 +42,16 @@ class Caller:
 
     user_id: str
     is_admin: bool = False
+    key_id: str | None = None  # the public id of the key the request came with (logs name the caller by it)
 
     @property
     def scope(self) -> str | None:
         """Whose rows the request may read and act on, as the jobs layer takes it: the caller's own, or
         every user's (None) for an admin."""
         return None if self.is_admin else self.user_id
+
+    def __str__(self) -> str:
+        return f"user {self.user_id} (key {self.key_id})"
 
     def listing(self, session: Session, user: str | None) -> str | None:
         """Whose rows a list shows: an admin's lists show every user's, or those of ``user`` (a name or
@@ -89,8 +93,8 @@ def get_caller(request: Request, db: Annotated[Database, Depends(get_database)])
             log.info("refused API key %s", key_id or "(not one of this service's)")
             raise Unauthorized("the API key is not valid: unknown, revoked, or of a disabled user")
         user, key = found
-        request.state.key_id = key.id
-        return Caller(user.id, bool(user.is_admin))
+        request.state.key_id, request.state.user = key.id, user.name  # what logs name the caller by
+        return Caller(user.id, bool(user.is_admin), key.id)
 
 
 def get_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:

@@ -124,8 +124,14 @@ async def _unreachable(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-async def _internal(_request: Request, exc: Exception) -> JSONResponse:  # a bug of ours, never client input
-    log.exception("unhandled error")
+def caller_of(request: Request) -> str:
+    """The caller as logs name them: the user and the public id of their key, never the key."""
+    user, key = getattr(request.state, "user", None), getattr(request.state, "key_id", None)
+    return f"user {user} (key {key})" if user else "no authenticated caller"
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:  # a bug of ours, never client input
+    log.exception("unhandled error in %s %s, %s", request.method, request.url.path, caller_of(request))
     return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details",
                           "internal_error", kind="server_error")
 
@@ -134,8 +140,8 @@ async def _data_error(request: Request, exc: DataError) -> JSONResponse:
     # A value the database refuses (a NUL byte in text, a string over its column, a number out of range)
     # that validation let through: the client's input, so a 422, never a 500; logged to be bounded at
     # the field next time.
-    log.warning("the database refused a value of %s %s: %s", request.method, request.url.path,
-                str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
+    log.warning("the database refused a value of %s %s from %s: %s", request.method, request.url.path,
+                caller_of(request), str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
     return error_response(422, "a value of the request cannot be stored (too long, out of range, or with a NUL "
                                "byte)", "invalid_request")
 

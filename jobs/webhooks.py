@@ -67,32 +67,38 @@ def _private(address: str) -> bool:
         or ip.is_reserved
 
 
-def url_problem(url: str, allow_private: bool, resolve: bool = True) -> str | None:
+def url_problem(url: str, allow_private: bool) -> str | None:
     """Why ``url`` cannot be an endpoint, or None: not http(s), no host, credentials in it, or (unless
     ``allow_private``) a host that is or resolves to a loopback, link-local or private address."""
+    return target(url, allow_private)[0]
+
+
+def target(url: str, allow_private: bool) -> tuple[str | None, str | None]:
+    """(why ``url`` cannot be delivered to, or None; the address to connect to, resolved once and checked,
+    or None to let the HTTP client resolve the host: with ``allow_private``)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        return f"not a URL: {e}"
+        return f"not a URL: {e}", None
     if parts.scheme not in ("http", "https"):
-        return "must be an http:// or https:// URL"
+        return "must be an http:// or https:// URL", None
     if not parts.hostname:
-        return "has no host"
+        return "has no host", None
     if parts.username or parts.password:
-        return "must not carry credentials (user:password@); authenticate deliveries by their signature"
+        return "must not carry credentials (user:password@); authenticate deliveries by their signature", None
     if allow_private:
-        return None
+        return None, None
     host = parts.hostname
     try:
-        addresses = [host] if _is_ip(host) else ([info[4][0] for info in socket.getaddrinfo(
-            host, port or (443 if parts.scheme == "https" else 80), proto=socket.IPPROTO_TCP)] if resolve else [])
+        addresses = [host] if _is_ip(host) else [info[4][0] for info in socket.getaddrinfo(
+            host, port or (443 if parts.scheme == "https" else 80), proto=socket.IPPROTO_TCP)]
     except (socket.gaierror, UnicodeError) as e:
-        return f"the host {host!r} cannot be resolved ({e})"
-    if host.lower() in ("localhost", "localhost.localdomain") or any(_private(a) for a in addresses):
+        return f"the host {host!r} cannot be resolved ({e})", None
+    if not addresses or host.lower() in ("localhost", "localhost.localdomain") or any(_private(a) for a in addresses):
         return (f"the host {host!r} is a loopback, link-local or private address; this deployment delivers "
-                "only to public addresses (an admin allows others with LOMO_WEBHOOK_ALLOW_PRIVATE)")
-    return None
+                "only to public addresses (an admin allows others with LOMO_WEBHOOK_ALLOW_PRIVATE)"), None
+    return None, addresses[0]
 
 
 def _is_ip(host: str) -> bool:
@@ -271,19 +277,30 @@ class Result:
 
 
 def post(settings: Settings, endpoint: WebhookEndpoint, message_id: str, body: str) -> Result:
-    """One signed POST of ``body`` to the endpoint (no redirects followed)."""
+    """One signed POST of ``body`` to the endpoint (no redirects followed). Unless private addresses are
+    allowed, the host is resolved once, checked, and that address is the one connected to (the Host
+    header and, for https, the TLS server name and certificate check keep the host's name), so a DNS
+    answer that changes between the check and the connection cannot lead the delivery inside."""
     import httpx
 
-    why = url_problem(endpoint.url, settings.webhook_allow_private)
+    why, address = target(endpoint.url, settings.webhook_allow_private)
     if why:
         return Result(None, f"url: {why}")
     timestamp = int(time.time())
     headers = {"content-type": "application/json", "user-agent": "lomo-webhooks/1", "webhook-id": message_id,
                "webhook-timestamp": str(timestamp),
                "webhook-signature": signatures(endpoint, message_id, timestamp, body)}
+    url, extensions = endpoint.url, {}
+    if address is not None:
+        parts = urlsplit(endpoint.url)
+        pinned = f"[{address}]" if ":" in address else address
+        url = parts._replace(netloc=pinned + (f":{parts.port}" if parts.port else "")).geturl()
+        headers["host"] = parts.netloc
+        if parts.scheme == "https":
+            extensions["sni_hostname"] = parts.hostname
     try:
-        answer = httpx.post(endpoint.url, content=body.encode(), headers=headers, timeout=settings.webhook_timeout_s,
-                            follow_redirects=False)
+        with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False) as client:
+            answer = client.post(url, content=body.encode(), headers=headers, extensions=extensions)
     except httpx.HTTPError as e:
         return Result(None, f"{type(e).__name__}: {e}"[:500])
     return Result(answer.status_code, None if 200 <= answer.status_code < 300 else answer.text[:200] or None)

@@ -4,6 +4,7 @@ revoke), and base model folders registered by name."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -28,6 +29,7 @@ from jobs.models import ApiKey, RegisteredModel, User
 from jobs.schemas import Label
 from jobs.settings import Settings
 
+log = logging.getLogger("lomo.api")
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 me = APIRouter(prefix="/v1", tags=["users"])
 ANSWERS = {**ERRORS, **FORBIDDEN}
@@ -88,8 +90,10 @@ def registered_object(row: RegisteredModel) -> RegisteredModelObject:
 
 @router.post("/users", response_model=NewUser, responses={**ANSWERS, **CONFLICT},
              summary="Create a user with a first API key (shown this once)")
-def create_user(body: UserCreate, session: SessionDep, settings: SettingsDep, _admin: AdminDep) -> Any:
+def create_user(body: UserCreate, session: SessionDep, settings: SettingsDep, admin: AdminDep) -> Any:
     user, made = users.create_user(session, body.name, admin=body.admin, key_name=body.key_name)
+    log.info("%s created user %s (%s)%s with key %s", admin, user.name, user.id, " as an admin" if user.is_admin
+             else "", made.key.id)
     if body.quotas:
         users.update_user(session, user, quotas=body.quotas)
     return user_object(session, settings, user, NewUser,
@@ -109,16 +113,18 @@ def get_user(user: str, session: SessionDep, settings: SettingsDep, _admin: Admi
 
 @router.patch("/users/{user}", response_model=UserObject, responses={**ANSWERS, **CONFLICT},
               summary="Make a user an admin or not, disable or enable them, override their quotas")
-def update_user(user: str, body: UserUpdate, session: SessionDep, settings: SettingsDep, _admin: AdminDep) -> Any:
+def update_user(user: str, body: UserUpdate, session: SessionDep, settings: SettingsDep, admin: AdminDep) -> Any:
     found = users.update_user(session, users.get_user(session, user), admin=body.admin, disabled=body.disabled,
                               quotas=body.quotas)
+    log.info("%s changed user %s: %s", admin, found.name, body.model_dump(exclude_none=True))
     return user_object(session, settings, found)
 
 
 @router.post("/users/{user}/keys", response_model=NewApiKey, responses=ANSWERS,
              summary="Add an API key to a user (shown this once; their other keys stay valid)")
-def add_key(user: str, session: SessionDep, _admin: AdminDep, body: KeyCreate | None = None) -> Any:
+def add_key(user: str, session: SessionDep, admin: AdminDep, body: KeyCreate | None = None) -> Any:
     made = users.add_key(session, users.get_user(session, user), body.name if body else None)
+    log.info("%s added key %s to user %s", admin, made.key.id, made.key.user_id)
     return key_object(made.key, NewApiKey, key=made.secret)
 
 
@@ -130,8 +136,10 @@ def list_keys(user: str, session: SessionDep, _admin: AdminDep) -> Any:
 
 @router.delete("/keys/{key_id}", response_model=ApiKeyObject, responses=ANSWERS,
                summary="Revoke an API key: it authenticates no one from the next request on")
-def revoke_key(key_id: str, session: SessionDep, _admin: AdminDep) -> Any:
-    return key_object(users.revoke_key(session, key_id))
+def revoke_key(key_id: str, session: SessionDep, admin: AdminDep) -> Any:
+    revoked = users.revoke_key(session, key_id)
+    log.info("%s revoked key %s of user %s", admin, revoked.id, revoked.user_id)
+    return key_object(revoked)
 
 
 @router.get("/models", response_model=RegisteredModelList, responses=ANSWERS,

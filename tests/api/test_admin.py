@@ -152,3 +152,21 @@ def test_each_quota_is_refused_with_its_limit_and_use_and_freed(env):
     assert admin.get("/v1/admin/users/ann").json()["quotas"]["queued_jobs"] == settings.quota_queued_jobs
     for wrong in ({"quotas": {"gpus": 1}}, {"quotas": {"queued_jobs": -1}}):
         assert error_of(admin.patch("/v1/admin/users/ann", json=wrong), 422)["param"].startswith("quotas.")
+
+
+def test_logs_name_the_caller_by_user_and_key_id_never_by_the_key(env, caplog):
+    admin, settings, _model = env
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lomo.api")
+    made, headers = make_user(admin, "logged")
+    secret = made["api_key"]["key"]
+    admin.delete(f"/v1/admin/keys/{made['api_key']['id']}")
+    admin.get("/v1/files", headers=headers)  # refused now: logged by the key's id
+    text = caplog.text
+    admin_id = admin.get("/v1/me").json()["id"]
+    assert f"user {admin_id} (key key_" in text and f"created user logged ({made['id']})" in text
+    assert f"revoked key {made['api_key']['id']} of user {made['id']}" in text
+    assert f"refused API key {made['api_key']['id']}" in text
+    assert secret not in text and secret.rsplit("-", 1)[-1] not in text
+    assert admin.headers["Authorization"].removeprefix("Bearer ") not in text

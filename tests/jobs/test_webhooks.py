@@ -137,3 +137,36 @@ def test_only_http_urls_without_credentials_are_endpoints():
     assert "credentials" in webhooks.url_problem("https://u:p@example.com/x", True)
     assert "no host" in webhooks.url_problem("https:///x", True)
     assert webhooks.url_problem("https://93.184.215.14/hook", False) is None  # a public address
+
+
+def test_a_delivery_connects_to_the_address_that_was_checked_keeping_the_hosts_name(env, monkeypatch):
+    """The host is resolved once, checked, and that address is connected to: the receiver is reached at
+    a name no resolver knows (so the HTTP client never resolved it again), with its name as the Host."""
+    db, settings = env
+    receiver = Receiver()
+    port = receiver.server.server_port
+    real = webhooks.socket.getaddrinfo
+    asked = []
+
+    def resolve(host, *args, **kwargs):
+        asked.append(host)
+        return real("127.0.0.1", *args, **kwargs) if host == "hooks.lab.test" else real(host, *args, **kwargs)
+
+    monkeypatch.setattr(webhooks.socket, "getaddrinfo", resolve)
+    strict = settings.model_copy(update={"webhook_allow_private": False})
+    seed_jobs(db, [(1, 0)])
+    try:
+        with db.session() as s:
+            endpoint = webhooks.create_endpoint(s, settings, "ann", "named", f"http://hooks.lab.test:{port}/x",
+                                                ["fine_tuning.job.failed"])
+        assert "private address" in webhooks.post(strict, endpoint, "msg-1", "{}").error  # 127.0.0.1 is refused
+        monkeypatch.setattr(webhooks, "_private", lambda address: False)  # as if it were a public address
+        asked.clear()
+        result = webhooks.post(strict, endpoint, "msg-2", "{}")
+        assert result.ok, result
+        # the name resolved once, by the check; the client only looked up the address literal it was given
+        assert asked.count("hooks.lab.test") == 1 and set(asked) <= {"hooks.lab.test", "127.0.0.1"}
+        headers = {k.lower(): v for k, v in receiver.got[-1][0].items()}
+        assert headers["host"] == f"hooks.lab.test:{port}" and headers["webhook-id"] == "msg-2"
+    finally:
+        receiver.close()

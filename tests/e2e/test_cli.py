@@ -306,3 +306,20 @@ def test_status_tells_a_jobs_history_of_recoveries_and_preemptions(monkeypatch):
     line = next(line for line in text.splitlines() if line.startswith("history"))
     assert "attempt 4" in line and "1 recovered after a lost worker" in line and "2 preempted" in line
     assert "stopping for ftjob-2" in line
+
+
+def test_whoami_and_an_admin_registering_a_model(service, tmp_path):
+    me = service.json("whoami")
+    assert me["is_admin"] is True and me["usage"]["queued_jobs"] >= 0 and "queued_jobs" in me["quotas"]
+    shown = service.lomo("whoami")
+    assert shown.exit_code == 0 and "admin" in shown.stdout and "queued_jobs" in shown.stdout
+    made = service.json("models", "register", "stories-copy", str(STORIES))
+    assert made["id"] == "stories-copy" and str(STORIES) not in json.dumps(made)
+    assert "stories-copy" in {m["id"] for m in service.json("models", "list")}
+    job = service.json("submit", "--model", "stories-copy", "--training-file", str(service.train), *SMALL)
+    assert job["model"] == "stories-copy"
+    service.lomo("cancel", job["id"])
+    missing = service.lomo("models", "register", "nothing", str(tmp_path / "none"))
+    assert missing.exit_code == 2 and "path" in missing.stderr and str(tmp_path) not in missing.stderr
+    taken = service.lomo("models", "register", "stories-copy", str(STORIES))
+    assert taken.exit_code != 0 and "exists already" in taken.stderr

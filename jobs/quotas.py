@@ -98,18 +98,22 @@ def check_submission(session: Session, settings: Settings, user_id: str) -> None
     commits, so that two submissions at once cannot both take the last place."""
     session.execute(select(User.id).where(User.id == user_id).with_for_update())
     limit = limits(settings, session.get(User, user_id))
-    used = usage(session, settings, user_id)
     queued = limit["queued_jobs"]
-    if queued is not None and used["queued_jobs"] >= queued:
-        raise QuotaExceeded("queued_jobs", queued, used["queued_jobs"],
-                            f"quota queued_jobs: at most {int(queued)} of your jobs may wait in the queue and "
-                            f"{used['queued_jobs']} do; submit again when some have started, or cancel some")
+    if queued is not None:  # each use is counted only when its quota has a limit
+        waiting = session.scalar(select(func.count(Job.id)).where(
+            Job.owner_id == user_id, Job.status == JobStatus.QUEUED.value)) or 0
+        if waiting >= queued:
+            raise QuotaExceeded("queued_jobs", queued, waiting,
+                                f"quota queued_jobs: at most {int(queued)} of your jobs may wait in the queue "
+                                f"and {waiting} do; submit again when some have started, or cancel some")
     hours = limit["gpu_hours"]
-    if hours is not None and used["gpu_hours"] >= hours:
-        raise QuotaExceeded("gpu_hours", hours, used["gpu_hours"],
-                            f"quota gpu_hours: your jobs may hold {hours:g} GPU-hours in "
-                            f"{settings.quota_window_hours:g} hours and have held {used['gpu_hours']:.2f}; "
-                            "the window moves on as time passes (an admin can raise the quota)")
+    if hours is not None:
+        held = round(gpu_hours(session, user_id, utcnow() - timedelta(hours=settings.quota_window_hours)), 4)
+        if held >= hours:
+            raise QuotaExceeded("gpu_hours", hours, held,
+                                f"quota gpu_hours: your jobs may hold {hours:g} GPU-hours in "
+                                f"{settings.quota_window_hours:g} hours and have held {held:.2f}; "
+                                "the window moves on as time passes (an admin can raise the quota)")
 
 
 def upload_quota(session: Session, settings: Settings, user_id: str) -> tuple[int | None, int]:

@@ -50,7 +50,7 @@ def create_job(body: JobCreate, db: DatabaseDep, settings: SettingsDep, caller: 
             if earlier is None:
                 raise
             return job_object(lifecycle.get_job(session, caller.user_id, earlier))
-    _wake(db, settings, job.id)
+    wake(db, settings, job.id)
     with db.session() as session:
         return job_object(lifecycle.get_job(session, caller.user_id, job.id))
 
@@ -87,11 +87,11 @@ def cancel_job(job_id: str, session: SessionDep, caller: CallerDep, db: Database
                background: BackgroundTasks) -> Any:
     job = lifecycle.cancel_job(session, caller.scope, job_id)
     if job.status == JobStatus.CANCELLED.value:  # ended here: its webhooks go out once this commits
-        background.add_task(_send_webhooks, db, settings)
+        background.add_task(send_webhooks, db, settings)
     return job_object(job)
 
 
-def _send_webhooks(db, settings) -> None:
+def send_webhooks(db, settings) -> None:
     try:
         dispatch_due_webhooks(settings, db)
     except Exception as e:  # the workers' watch sends them within seconds anyway
@@ -110,11 +110,11 @@ def resume_job(job_id: str, db: DatabaseDep, settings: SettingsDep, caller: Call
     with db.session() as session:  # committed before the wake-up is sent
         job = lifecycle.resume_job(session, caller.scope, job_id)
         answer = job_object(job)
-    _wake(db, settings, job.id)
+    wake(db, settings, job.id)
     return answer
 
 
-def _wake(db, settings, job_id: str) -> None:
+def wake(db, settings, job_id: str) -> None:
     """Send the wake-up of a job just queued; when the broker cannot be reached the job stays queued,
     and the workers wake up for it once the broker is back (``worker.app.watch_the_queue``)."""
     try:

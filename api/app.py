@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
 from api import errors
-from api.routers import admin, estimates, files, health, jobs, models, webhooks
+from api.routers import admin, cluster, estimates, files, health, jobs, models, webhooks
 from jobs.db import database
 from jobs.settings import Settings, get_settings
 from lomo_core import __version__
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def root() -> RedirectResponse:
         return RedirectResponse("/docs")
 
-    for module in (health, files, jobs, estimates, models, webhooks, admin):
+    for module in (health, files, jobs, estimates, models, webhooks, admin, cluster):
         app.include_router(module.router)
     app.include_router(admin.me)
     return app

@@ -4,8 +4,8 @@
 the zero-configuration default, one worker beside it); `lomo worker` starts a worker on its own;
 `lomo eval` scores a model folder. The rest is the service's client, on ``client.rest.LomoClient``:
 `lomo files ...`, `lomo submit`, `lomo sweep`, `lomo jobs`, `lomo status`, `lomo events`, `lomo cancel`,
-`lomo pause`, `lomo resume`, `lomo estimate`, `lomo evals`, `lomo models ...`; each takes --url,
---api-key (else LOMO_URL / LOMO_API_KEY, else the config file of ``client.config``) and --json.
+`lomo pause`, `lomo resume`, `lomo estimate`, `lomo evals`, `lomo models ...`, `lomo cluster`; each takes
+--url, --api-key (else LOMO_URL / LOMO_API_KEY, else the config file of ``client.config``) and --json.
 """
 
 from __future__ import annotations
@@ -1341,6 +1341,46 @@ def whoami(url: UrlOption = None, api_key: KeyOption = None, as_json: JsonOption
         used = me["usage"].get(quota, 0)
         table.add_row(quota, f"{used:g}", "no limit" if limit is None else f"{limit:g}")
     out.print(table)
+
+
+@app.command()
+def cluster(
+    hours: float = typer.Option(24.0, "--hours", help="the window of the GPU lease timeline, in hours (at most 744)"),
+    url: UrlOption = None, api_key: KeyOption = None, as_json: JsonOption = False,
+) -> None:
+    """The nodes and who holds each GPU, the queue in the order it runs, and the GPU leases of the last hours
+    (other users' job ids show as '-', but to admins)."""
+    with _connect(url, api_key) as client:
+        view = client.cluster(hours)
+    if as_json:
+        _print_json(view)
+        return
+    nodes = _table(title="nodes", title_justify="left")
+    for column in ("node", "up", "gpu", "GiB", "job", "user", "since"):
+        nodes.add_column(column, no_wrap=column in ("node", "job"))
+    for node in view["nodes"]:
+        up = "yes" if node["alive"] else f"no (seen {_when(node['seen_at'])})"
+        for gpu in node["gpus"]:
+            nodes.add_row(_text(node["name"]), up, str(gpu["index"]), f"{gpu['memory_gib']:g}", _text(gpu["job"]),
+                          _text(gpu["user"]), _when(gpu["since"]))
+        if not node["gpus"]:  # a CPU node: what it runs holds no lease
+            for job in node["running"] or [{}]:
+                nodes.add_row(_text(node["name"]), up, "cpu", "-", _text(job.get("job")), _text(job.get("user")),
+                              _when(job.get("started_at")))
+    out.print(nodes)
+    queue = _table(title=f"queue ({len(view['queue'])} job(s), in the order the scheduler considers them)",
+                   title_justify="left")
+    for column in ("#", "job", "user", "gpus", "priority", "model", "created", "note"):
+        queue.add_column(column, justify="right" if column in ("#", "gpus", "priority") else "left",
+                         no_wrap=column == "job")
+    for job in view["queue"]:
+        note = ", ".join(n for n, on in (("preempted", job["preempted"]), ("held by quota", job["held_by_quota"]))
+                         if on)
+        queue.add_row(str(job["position"]), _text(job["job"]), _text(job["user"]), str(job["gpus"]),
+                      str(job["priority"]), _text(job["model"]), _when(job["created_at"]), note)
+    out.print(queue)
+    cut = " (the newest the API answers with; older ones left out)" if view.get("leases_truncated") else ""
+    out.print(f"{len(view['leases'])} GPU lease(s) in the last {view['hours']:g} hours{cut}")
 
 
 @app.command()

@@ -215,6 +215,11 @@ class LomoClient:
         """``GET /v1/me``: the key's user, their quotas and what they use of them."""
         return self._call("GET", "/v1/me")
 
+    def cluster(self, hours: float = 24.0) -> dict[str, Any]:
+        """``GET /v1/cluster``: the nodes and who holds their GPUs, the queue in the order it runs, and the
+        GPU leases of the last ``hours`` (other users' job ids are null, but for admins)."""
+        return self._call("GET", "/v1/cluster", params={"hours": hours})
+
     def delete_model(self, name: str) -> dict[str, Any]:
         """Delete one of your fine-tuned models (its files and checkpoints; the job stays)."""
         from urllib.parse import quote

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import Node, utcnow
@@ -16,6 +16,12 @@ def register_node(session: Session, name: str, gpu_memory_gib: list[float]) -> N
         session.add(Node(name=name, gpu_memory_gib=list(gpu_memory_gib), seen_at=utcnow()))
     else:
         node.gpu_memory_gib, node.seen_at = list(gpu_memory_gib), utcnow()
+
+
+def node_seen(session: Session, name: str) -> None:
+    """A worker of node ``name`` is up: its ``seen_at`` is now (the watch of every worker writes it, so an
+    idle node is seen alive too)."""
+    session.execute(update(Node).where(Node.name == name).values(seen_at=utcnow()))
 
 
 def deployment_inventory(session: Session, settings: Settings) -> tuple[str, int, int]:

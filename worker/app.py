@@ -97,8 +97,9 @@ def watch_the_queue(settings: Settings, slots: int | None = None, stop: threadin
     worker was lost back in the queue (``jobs.recovery``) and wake the workers for them; while this
     node has free GPUs (free slots on a CPU node) and jobs are queued, send a wake-up per free one
     (``wake_idle``), so that jobs whose messages the broker lost (a restart of Redis without persistence,
-    a job submitted while it was down) start without a worker restart; and send the webhook deliveries
-    that are due (a new event's, or one whose message was lost)."""
+    a job submitted while it was down) start without a worker restart; send the webhook deliveries
+    that are due (a new event's, or one whose message was lost); and note that this node is up
+    (``nodes.node_seen``: the cluster view tells live nodes by it)."""
     stop = stop or threading.Event()
     db = settings.worker_database()
     interval = max(0.2, min(settings.heartbeat_timeout_s / 4, 30.0))
@@ -110,6 +111,8 @@ def watch_the_queue(settings: Settings, slots: int | None = None, stop: threadin
             if time.monotonic() - unreachable_at > settings.heartbeat_timeout_s:
                 for job_id in recover_lost(db, settings):
                     enqueue(settings, job_id)
+            with db.session() as session:
+                nodes.node_seen(session, settings.worker_name)
             wake_idle(settings, db, slots or startup_wake_ups(settings))
             dispatch_due_webhooks(settings, db)
         except (*UNREACHABLE, KombuError, OSError) as error:  # the database or the broker is away for now

@@ -7,12 +7,13 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs import lifecycle
 from jobs.db import close_database, database
 from jobs.migrate import upgrade
-from jobs.models import GpuLease, Job, JobEvent, MetricPoint
+from jobs.models import GpuLease, Job, JobEvent, MetricPoint, Node, aware
 from jobs.settings import Settings
 from tests.conftest import (
     INSTRUCT,
@@ -129,6 +130,9 @@ def test_after_the_database_was_unreachable_recovery_waits_a_heartbeat_timeout(t
 
     monkeypatch.setattr(worker_app, "recover_lost", recover)
     monkeypatch.setattr(worker_app, "wake_idle", wake)
+    long_ago = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with database(url).session() as s:
+        s.add(Node(name=settings.worker_name, gpu_memory_gib=[], seen_at=long_ago))
     stop = threading.Event()
     watch = threading.Thread(target=worker_app.watch_the_queue, args=(settings, 1, stop))
     watch.start()
@@ -138,3 +142,5 @@ def test_after_the_database_was_unreachable_recovery_waits_a_heartbeat_timeout(t
     assert len(failed) == 2 and looked
     assert all(moment < failed[0] or moment - failed[-1] >= settings.heartbeat_timeout_s for moment in looked)
     assert looked[-1] > failed[-1]  # and it looks again once that time has passed
+    with database(url).session() as s:  # and each round that reached the database said the node is up
+        assert aware(s.get(Node, settings.worker_name).seen_at) > long_ago

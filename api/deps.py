@@ -74,14 +74,24 @@ class Caller:
         return self.user_id
 
 
+#: the cookie that holds a portal session's token (``api.portal``)
+SESSION_COOKIE = "lomo_session"
+#: methods that change nothing: a cookie-authenticated request with any other must come from the portal's own pages
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def get_caller(request: Request, db: Annotated[Database, Depends(get_database)]) -> Caller:
-    """The user of the request's API key (``Authorization: Bearer <key>``, as the openai SDK sends it);
-    none, or one that authenticates no one, is a 401."""
+    """The user of the request's API key (``Authorization: Bearer <key>``, as the openai SDK sends it), or
+    of the portal session in its cookie (the portal's pages and their scripts); none, or one that
+    authenticates no one, is a 401."""
     from jobs import users
 
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if not header:
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            return session_caller(request, db, token)
         raise Unauthorized("no API key: send it as 'Authorization: Bearer <key>' (the openai SDK's api_key; the "
                            "lomo CLI's --api-key or LOMO_API_KEY)", code="missing_api_key")
     if scheme.lower() != "bearer" or not presented.strip():
@@ -94,6 +104,35 @@ def get_caller(request: Request, db: Annotated[Database, Depends(get_database)])
             raise Unauthorized("the API key is not valid: unknown, revoked, or of a disabled user")
         user, key = found
         request.state.key_id, request.state.user = key.id, user.name  # what logs name the caller by
+        return Caller(user.id, bool(user.is_admin), key.id)
+
+
+def same_origin(request: Request) -> bool:
+    """Whether the request was sent by a page of this service (its ``Origin``, or else its ``Referer``, is
+    this host): a cookie goes with every request to the host, so a change made on a session's authority
+    must come from the portal itself, never from another site's form or script."""
+    from urllib.parse import urlsplit
+
+    own = request.headers.get("host", "")
+    sent_from = request.headers.get("origin") or request.headers.get("referer") or ""
+    parts = urlsplit(sent_from)
+    return bool(own) and parts.scheme in ("http", "https") and parts.netloc == own
+
+
+def session_caller(request: Request, db: Database, token: str) -> Caller:
+    """The user of a portal session (its cookie's token); an ended one is a 401, and a change sent from
+    another site is refused (403) before anything is read."""
+    from jobs import portal_sessions
+
+    if request.method not in SAFE_METHODS and not same_origin(request):
+        raise Forbidden("a change made with a portal session must come from the portal's own pages "
+                        "(this request's Origin is another site); scripts send an API key instead")
+    with db.session() as session:
+        found = portal_sessions.authenticate(session, token)
+        if found is None:
+            raise Unauthorized("the portal session has ended: sign in again", code="session_ended")
+        user, key = found
+        request.state.key_id, request.state.user = key.id, user.name
         return Caller(user.id, bool(user.is_admin), key.id)
 
 

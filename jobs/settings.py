@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
     #: the owner of requests while the service has no authentication
     default_user: str = "local"
+    #: a sign-in to the web portal lasts this long (hours); signing out, revoking its API key or
+    #: disabling its user ends it sooner
+    portal_session_hours: float = Field(12.0, gt=0, le=24 * 90)
+    #: the portal's cookie is sent over HTTPS only (``Secure``); unset: when the request came over HTTPS
+    #: or to this host's loopback address (browsers keep Secure cookies of http://localhost); set it to
+    #: true behind a TLS proxy that forwards plain HTTP
+    portal_secure_cookie: bool | None = None
 
     @property
     def admin_key_file(self) -> Path:

@@ -121,7 +121,15 @@ def authenticate(session: Session, presented: str | None) -> tuple[User, ApiKey]
     if match is None:
         return None
     key = session.get(ApiKey, match.group(1))
-    if key is None or not hmac.compare_digest(key.secret_sha256, _digest(match.group(2))) or key.revoked_at:
+    if key is None or not hmac.compare_digest(key.secret_sha256, _digest(match.group(2))):
+        return None
+    return key_in_use(session, key)
+
+
+def key_in_use(session: Session, key: ApiKey | None) -> tuple[User, ApiKey] | None:
+    """``key``'s user and the key, its use noted, while the key is not revoked and its user not disabled;
+    otherwise None (a portal session made with the key ends with it too)."""
+    if key is None or key.revoked_at is not None:
         return None
     user = session.get(User, key.user_id)
     if user is None or user.disabled_at is not None:

@@ -11,9 +11,8 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
 
-from api import errors
+from api import errors, portal
 from api.routers import admin, cluster, estimates, files, health, jobs, models, webhooks
 from jobs.db import database
 from jobs.settings import Settings, get_settings
@@ -66,11 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = database(settings.resolved_database_url())
     errors.install(app)
 
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
-
     for module in (health, files, jobs, estimates, models, webhooks, admin, cluster):
         app.include_router(module.router)
     app.include_router(admin.me)
+    portal.install(app)
     return app

@@ -438,6 +438,36 @@ def delete_model(session: Session, settings: Settings, owner: str | None, name: 
     return job
 
 
+def describe_model(session: Session, settings: Settings, owner: str | None, entry: ModelEntry) -> dict[str, Any]:
+    """What a list of models shows of one (the portal's): its kind, its size on disk and weight format, its
+    architecture, dtype and parameter count, and the job that made it; never its path. Figures that cannot
+    be read (a folder gone or unreadable) are None."""
+    kind = "base" if entry.is_base else ("checkpoint" if entry.step is not None else "fine-tuned")
+    info: dict[str, Any] = {"id": entry.id, "kind": kind, "created": entry.created, "owned_by": entry.owned_by,
+                            "job_id": entry.job_id, "step": entry.step, "bytes": None, "format": None,
+                            "architecture": None, "dtype": None, "parameters": None}
+    try:
+        folder = (registered_folder(settings, entry.id, session) if entry.is_base
+                  else resolve_reference(session, settings, owner, entry.id))
+    except (UnusableModel, NotFound, OSError):
+        folder = None
+    if folder is None or not folder.is_dir():
+        return info
+    try:
+        present = [p for p in folder.iterdir() if p.is_file()]
+        info["bytes"] = sum(p.stat().st_size for p in present)
+        kinds = {"safetensors" for p in present if p.suffix == ".safetensors"}
+        kinds |= {"pytorch (.bin)" for p in present if p.suffix == ".bin"}
+        info["format"] = ", ".join(sorted(kinds)) or None
+        config = json.loads((folder / "config.json").read_text())
+        info["architecture"] = (config.get("architectures") or [config.get("model_type")])[0]
+        info["dtype"] = config.get("torch_dtype") or config.get("dtype")
+        info["parameters"] = model_shape(folder).parameters
+    except Exception:  # a model the memory model cannot read still lists, with what could be read
+        pass
+    return info
+
+
 #: what ``from_pretrained`` reads of a model folder (weights, config, tokenizer); never trainer or
 #: optimizer state
 MODEL_FILES = ("config.json", "generation_config.json", "chat_template.jinja", "chat_template.json",

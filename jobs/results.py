@@ -91,3 +91,13 @@ def memory_summary(session: Session, owner: str | None, job_id: str) -> dict[str
         for rank, s in sorted(ranks.items())
     ]
     return {"job_id": job_id, "predicted": job.predicted_memory, "measured": measured, "samples": count}
+
+
+def measured_peaks(session: Session, job_ids: list[str]) -> dict[str, int]:
+    """The largest measured peak of any rank, per job of ``job_ids`` that has memory samples (one query,
+    for lists)."""
+    if not job_ids:
+        return {}
+    rows = session.execute(select(MemorySample.job_id, func.max(MemorySample.peak_bytes))
+                           .where(MemorySample.job_id.in_(job_ids)).group_by(MemorySample.job_id))
+    return {job_id: int(peak) for job_id, peak in rows}

@@ -158,6 +158,7 @@ def main() -> int:
         client = LomoClient(f"http://127.0.0.1:{port}", api_key=key_file.read_text().strip())
         console.print(f"API key: the local admin's, from {key_file} (written at the first start, owner-only)",
                       style="dim")
+        console.print(f"the portal: http://127.0.0.1:{port}/ (sign in with that key) while the demo runs", style="dim")
         file = client.upload_file(DATA)
         console.print(f"POST /v1/files -> {file['id']}: {file['records']} records ({file['format']})")
         evals = []

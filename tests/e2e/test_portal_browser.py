@@ -341,7 +341,7 @@ def test_cluster_files_and_models_pages(visit, service, people, api):
 def gpu_lab(tmp_path_factory):
     """An API (no worker) over a Postgres database holding a lab's state: two 8-GPU nodes, running jobs of
     ann and bob holding GPUs, the last hours' released leases, and a queue."""
-    from jobs.models import File, GpuLease, Job, Node, User
+    from jobs.models import File, GpuLease, Job, Node
     from jobs.settings import Settings
     from jobs.users import create_user
     from tests.conftest import create_postgres_database, drop_postgres_database

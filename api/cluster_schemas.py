@@ -32,9 +32,9 @@ class ClusterRunningJob(BaseModel):
 
 class ClusterNode(BaseModel):
     name: str
-    seen_at: int = Field(description="its latest sign of life: its workers' start, or a heartbeat of a job it runs")
-    alive: bool = Field(description="seen within the heartbeat timeout (an idle node's workers write nothing "
-                                    "between their starts)")
+    seen_at: int = Field(description="its latest sign of life: its workers' watch of the queue (every quarter of "
+                                     "the heartbeat timeout at most), or a heartbeat of a job it runs")
+    alive: bool = Field(description="seen within the heartbeat timeout")
     gpus: list[ClusterGpu] = Field(description="empty for a CPU node")
     running: list[ClusterRunningJob] = Field(description="the jobs it runs now, first started first")
 

@@ -109,14 +109,18 @@ def get_caller(request: Request, db: Annotated[Database, Depends(get_database)])
 
 def same_origin(request: Request) -> bool:
     """Whether the request was sent by a page of this service (its ``Origin``, or else its ``Referer``, is
-    this host): a cookie goes with every request to the host, so a change made on a session's authority
-    must come from the portal itself, never from another site's form or script."""
+    this host, or the ``public_url`` a proxy serves it at): a cookie goes with every request to the host,
+    so a change made on a session's authority must come from the portal itself, never from another site's
+    form or script."""
     from urllib.parse import urlsplit
 
-    own = request.headers.get("host", "")
+    own = {request.headers.get("host", "")}
+    public = request.app.state.settings.public_url  # behind a proxy that passes another Host
+    if public:
+        own.add(urlsplit(public).netloc)
     sent_from = request.headers.get("origin") or request.headers.get("referer") or ""
     parts = urlsplit(sent_from)
-    return bool(own) and parts.scheme in ("http", "https") and parts.netloc == own
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc in own
 
 
 def session_caller(request: Request, db: Database, token: str) -> Caller:

@@ -87,7 +87,8 @@ def predict_memory(session: Session, settings: Settings, model: Path, resolved: 
     try:
         shape = catalog.model_shape(model)  # cached by the content of config.json
     except Exception as e:  # a config the model cannot be built from on the meta device: no prediction
-        return {"available": False, "reason": f"cannot read the model's shape: {type(e).__name__}: {e}"}
+        why = str(e).replace(str(model), "the model's folder")  # never a path of the server
+        return {"available": False, "reason": f"cannot read the model's shape: {type(e).__name__}: {why}"}
     placement = place(
         shape, device_bytes, count, pinned=pinned, optimizer=resolved["optimizer"], dtype=resolved["dtype"],
         batch_size=resolved["batch_size"], seq_len=resolved["max_seq_len"],

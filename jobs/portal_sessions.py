@@ -9,7 +9,7 @@ import hashlib
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import delete, or_, update
 from sqlalchemy.orm import Session
 
 from jobs import users
@@ -29,6 +29,8 @@ def sign_in(session: Session, presented: str, hours: float) -> tuple[str, User] 
     user, key = found
     token = secrets.token_urlsafe(32)
     now = utcnow()
+    # sessions that ended or expired are of no use to anyone: each sign-in clears those past
+    session.execute(delete(PortalSession).where(or_(PortalSession.expires_at < now, PortalSession.ended_at < now)))
     session.add(PortalSession(id=_digest(token), key_id=key.id, created_at=now,
                               expires_at=now + timedelta(hours=hours)))
     return token, user

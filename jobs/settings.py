@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     #: a sign-in to the web portal lasts this long (hours); signing out, revoking its API key or
     #: disabling its user ends it sooner
     portal_session_hours: float = Field(12.0, gt=0, le=24 * 90)
+    #: the address browsers reach the service at (``https://lomo.lab.example``) when a proxy in front of it
+    #: passes another Host: the portal takes changes sent from there, and its cookie is Secure with https
+    public_url: str | None = Field(None, pattern=r"^https?://[^/\s]+/?$")
     #: the portal's cookie is sent over HTTPS only (``Secure``); unset: when the request came over HTTPS
     #: or to this host's loopback address (browsers keep Secure cookies of http://localhost); set it to
     #: true behind a TLS proxy that forwards plain HTTP

@@ -14,16 +14,19 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from jobs.errors import Conflict, InvalidRequest, NotFound, Problem
-from jobs.models import ApiKey, User, new_id, utcnow
+from jobs.models import ApiKey, User, aware, new_id, utcnow
 
 KEY_PREFIX = "lomo-"
 _KEY = re.compile(r"^lomo-(key_[0-9a-f]{16})-([A-Za-z0-9_-]{43})$")
+#: how precisely a key's last use is kept
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -134,7 +137,10 @@ def key_in_use(session: Session, key: ApiKey | None) -> tuple[User, ApiKey] | No
     user = session.get(User, key.user_id)
     if user is None or user.disabled_at is not None:
         return None
-    key.last_used_at = utcnow()
+    now = utcnow()
+    # to the minute: a page polling every few seconds must not write the key's row each time
+    if key.last_used_at is None or now - aware(key.last_used_at) > LAST_USED_RESOLUTION:
+        key.last_used_at = now
     return user, key
 
 

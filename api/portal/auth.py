@@ -1,9 +1,10 @@
 """Signing in to the portal with an API key, and out again; who a page's request comes from.
 
 A sign-in exchanges the key for a portal session (``jobs.portal_sessions``): the browser keeps the
-session's random token in an http-only, SameSite=Strict cookie (``Secure`` over HTTPS and on this
-host's loopback), never the key itself, so no script of a page can read it. Changes made on a session's
-authority must come from the portal's own pages (``api.deps.same_origin``).
+session's random token in an http-only, SameSite=Lax cookie (``Secure`` over HTTPS and on this host's
+loopback), never the key itself, so no script of a page can read it. Lax lets a link from elsewhere (a
+chat, a webhook's message) open a page signed in; changes made on a session's authority must come from
+the portal's own pages whatever the cookie does (``api.deps.same_origin``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
@@ -44,16 +45,31 @@ def page_caller(request: Request, db: DatabaseDep) -> Caller:
 PageCaller = Annotated[Caller, Depends(page_caller)]
 
 
-def sign_in_redirect(request: Request) -> Response:
-    """The answer to a page request without a session: to the sign-in page, coming back here after (an
-    htmx request of a page left open is told to load the sign-in page instead of swapping it in)."""
-    target = "/signin"
-    if request.method == "GET" and request.url.path not in ("/", "/signin"):
-        target += "?next=" + quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""), safe="")
+def _came_from(request: Request) -> str | None:
+    """The page to come back to after signing in: this page; for htmx's requests (a fragment, an estimate),
+    the page they were made from (``HX-Current-URL``)."""
     if request.headers.get("hx-request"):
-        return Response(status_code=204, headers={"HX-Redirect": target})
-    response = RedirectResponse(target, status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+        parts = urlsplit(request.headers.get("hx-current-url", ""))
+        return parts.path + (f"?{parts.query}" if parts.query else "") if parts.path else None
+    if request.method == "GET":
+        return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return None
+
+
+def sign_in_redirect(request: Request) -> Response:
+    """The answer to a page request without a live session: to the sign-in page, coming back after (an
+    htmx request of a page left open is told to load the sign-in page instead of swapping it in). A cookie
+    is dropped only when it was sent and is no longer valid."""
+    target = "/signin"
+    back = _came_from(request)
+    if back and _local_path(back) == back and urlsplit(back).path not in ("/", "/signin"):
+        target += "?next=" + quote(back, safe="")
+    if request.headers.get("hx-request"):
+        response: Response = Response(status_code=204, headers={"HX-Redirect": target})
+    else:
+        response = RedirectResponse(target, status_code=303)
+    if request.cookies.get(SESSION_COOKIE):
+        response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
 
@@ -67,6 +83,8 @@ def _local_path(target: str | None) -> str:
 def _secure(request: Request, settings) -> bool:
     if settings.portal_secure_cookie is not None:
         return settings.portal_secure_cookie
+    if settings.public_url:
+        return settings.public_url.startswith("https://")
     if request.url.scheme == "https":
         return True
     host = (request.url.hostname or "").strip("[]")
@@ -90,6 +108,7 @@ def sign_in(request: Request, db: DatabaseDep, settings: SettingsDep,
         return render(request, "signin.html", None, status_code=403, next=_local_path(next),
                       error="sign in from this service's own sign-in page")
     with db.session() as session:
+        portal_sessions.sign_out(session, request.cookies.get(SESSION_COOKIE))  # a new sign-in ends the old one
         made = portal_sessions.sign_in(session, key.strip(), settings.portal_session_hours)
     if made is None:
         log.info("portal sign-in refused")
@@ -99,7 +118,7 @@ def sign_in(request: Request, db: DatabaseDep, settings: SettingsDep,
     log.info("portal sign-in of user %s", user.name)
     response = RedirectResponse(_local_path(next), status_code=303)
     response.set_cookie(SESSION_COOKIE, token, max_age=int(settings.portal_session_hours * 3600), path="/",
-                        httponly=True, samesite="strict", secure=_secure(request, settings))
+                        httponly=True, samesite="lax", secure=_secure(request, settings))
     return response
 
 

@@ -7,19 +7,22 @@ itself, so an upload is checked exactly as the API checks it."""
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.portal.auth import PageCaller
 from api.portal.render import render
 from api.routers.jobs import wake
-from jobs import admission, catalog, errors, files, lifecycle
-from jobs.schemas import BASE_LEARNING_RATE, JobCreate
+from jobs import admission, catalog, errors, files, idempotency, lifecycle
+from jobs.schemas import AUTO_EPOCHS, BASE_LEARNING_RATE, JobCreate
 from lomo_core.config import TrainConfig
 
 router = APIRouter(include_in_schema=False)
@@ -39,7 +42,17 @@ class Field:
         field = TrainConfig.model_fields.get(self.name)
         return field.default if field is not None else None
 
+    @property
+    def placeholder(self) -> str:
+        """What an empty field means (the job's setting when it is left out)."""
+        if self.name in EMPTY_MEANS:
+            return EMPTY_MEANS[self.name]
+        return "unset" if self.default is None else str(self.default)
 
+
+#: what an empty field means where it is not TrainConfig's default (``jobs.schemas.JobCreate.train_values``)
+EMPTY_MEANS = {"n_epochs": f"{AUTO_EPOCHS} (auto)", "batch_size": str(TrainConfig.model_fields["batch_size"].default),
+               "learning_rate_multiplier": "1", "lr": "base rate × multiplier"}
 _LR = ", ".join(f"{k} {v:g}" for k, v in BASE_LEARNING_RATE.items())
 #: the hyperparameters the form asks for, in order (the rest of the API's take their defaults)
 HYPERPARAMETERS = (
@@ -84,6 +97,7 @@ FIELDS = {f.name: f for f in HYPERPARAMETERS}
 #: the job's own fields (not hyperparameters) the form has
 JOB_FIELDS = ("model", "training_file", "validation_file", "suffix", "seed", "priority", "gpus", "metadata")
 EVAL_ROWS = 3
+ROW = "_row"  # the form row an evaluation came from, kept with it until the body is sent
 EVAL_TASKS = ("boolq", "cb", "copa", "rte", "wic", "wsc", "multirc", "perplexity", "lambada")
 _INT = re.compile(r"^[+-]?\d+$")
 
@@ -143,8 +157,11 @@ def request_body(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     for row in range(EVAL_ROWS):
         task = (form.get(f"eval_{row}_task") or "").strip()
         if not task:
+            if (form.get(f"eval_{row}_file") or "").strip():
+                problems[f"eval_{row}_task"] = "choose the task this file is scored on"
             continue
-        spec: dict[str, Any] = {"task": task, "file": (form.get(f"eval_{row}_file") or "").strip()}
+        spec: dict[str, Any] = {"task": task, "file": (form.get(f"eval_{row}_file") or "").strip(),
+                                ROW: row}
         limit = (form.get(f"eval_{row}_limit") or "").strip()
         if limit:
             spec["limit"] = _number(limit, "int")
@@ -154,8 +171,16 @@ def request_body(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     return body, problems
 
 
+def rows_of(body: dict[str, Any]) -> list[int]:
+    """The form row of each of ``body``'s evaluations (rows left empty are not sent), taken out of the
+    body: ``evals[i]`` of a problem is form row ``rows_of(body)[i]``."""
+    return [spec.pop(ROW) for spec in body.get("evals", [])]
+
+
 def form_of_job(job) -> dict[str, str]:
-    """The form filled in from a job (``new job like this``): its model, files and every setting it ran with."""
+    """The form filled in from a job (``new job like this``): its model, files, the settings it ran with that
+    the form has (each hyperparameter, priority, seed, suffix, metadata, the first evaluations) and its
+    learning rate as a multiplier; the GPU count is left to the memory model again."""
     values = {"model": job.model, "training_file": job.training_file_id,
               "validation_file": job.validation_file_id or "", "suffix": job.suffix or "",
               "seed": str(job.hyperparameters.get("seed", "")), "priority": str(job.priority or 0), "gpus": "",
@@ -180,9 +205,10 @@ def form_of_job(job) -> dict[str, str]:
     return values
 
 
-def field_of(param: str | None) -> str | None:
+def field_of(param: str | None, rows: list[int] | None = None) -> str | None:
     """The form field a problem's ``param`` names (``method.supervised.hyperparameters.lr`` -> ``lr``,
-    ``evals[1].file`` -> ``eval_1_file``); None for a problem of the whole job."""
+    ``evals[1].file`` -> ``eval_1_file``, or the field of the form row ``rows[1]`` that evaluation came
+    from); None for a problem of the whole job."""
     if not param:
         return None
     tokens = [t for t in re.split(r"[.\[\]]", param) if t]
@@ -190,8 +216,10 @@ def field_of(param: str | None) -> str | None:
         at = tokens.index("evals")
         rest = tokens[at + 1:]
         if rest and rest[0].isdigit():
+            index = int(rest[0])
+            row = rows[index] if rows is not None and index < len(rows) else index
             name = rest[1] if len(rest) > 1 and rest[1] in ("task", "file", "limit") else "task"
-            return f"eval_{rest[0]}_{name}"
+            return f"eval_{row}_{name}"
         return "eval_0_task"
     for token in reversed(tokens):
         if token in FIELDS or token in JOB_FIELDS:
@@ -199,8 +227,9 @@ def field_of(param: str | None) -> str | None:
     return None
 
 
-def problems_of(error: Exception) -> tuple[dict[str, list[str]], list[str]]:
-    """The problems of a refused request, by form field; and those of no field."""
+def problems_of(error: Exception, rows: list[int] | None = None) -> tuple[dict[str, list[str]], list[str]]:
+    """The problems of a refused request, by form field (``rows``: the form row of each evaluation); and
+    those of no field."""
     by_field: dict[str, list[str]] = {}
     general: list[str] = []
     if isinstance(error, ValidationError):
@@ -212,7 +241,7 @@ def problems_of(error: Exception) -> tuple[dict[str, list[str]], list[str]]:
     else:
         items = [(getattr(error, "quota", None), str(error))]
     for param, message in items:
-        name = field_of(param)
+        name = field_of(param, rows)
         (by_field.setdefault(name, []) if name else general).append(message)
     return by_field, general
 
@@ -227,6 +256,7 @@ def _choices(session, settings, caller) -> dict[str, Any]:
 
 def _page(request, session, settings, caller, values, by_field=None, general=None, status_code=200):
     return render(request, "new_job.html", caller, status_code=status_code, nav="new", values=values,
+                  idempotency_key=values.get("idempotency_key") or secrets.token_urlsafe(16),
                   fields=HYPERPARAMETERS, errors=by_field or {}, general=general or [], eval_rows=range(EVAL_ROWS),
                   eval_tasks=EVAL_TASKS, **_choices(session, settings, caller))
 
@@ -251,26 +281,37 @@ async def _form(request: Request) -> dict[str, str]:
 
 @router.post("/jobs/new")
 async def submit_job(request: Request, db: DatabaseDep, settings: SettingsDep, caller: PageCaller):
+    """Create the job of the form. The form carries an idempotency key of its own (made when it was shown),
+    so a second click or a resent form gives the job the first one made, not a second job."""
     values = await _form(request)
     body, form_problems = request_body(values)
+    rows = rows_of(body)
+    key = (values.get("idempotency_key") or "")[:64] or None
 
     def create() -> Any:
         with db.session() as session:
+            earlier = idempotency.recall(session, caller.user_id, lifecycle.CREATE_ROUTE, key)
+            if earlier is not None:
+                return earlier
             if form_problems:
                 return _page(request, session, settings, caller, values, {k: [v] for k, v in form_problems.items()},
                              status_code=422)
             try:
-                job = lifecycle.create_job(session, settings, caller.user_id, JobCreate.model_validate(body))
+                job = lifecycle.create_job(session, settings, caller.user_id, JobCreate.model_validate(body), key)
             except (ValidationError, errors.InvalidRequest, errors.QuotaExceeded) as e:
                 session.rollback()
-                by_field, general = problems_of(e)
+                by_field, general = problems_of(e, rows)
                 return _page(request, session, settings, caller, values, by_field, general,
                              status_code=429 if isinstance(e, errors.QuotaExceeded) else 422)
             return job.id
 
-    from starlette.concurrency import run_in_threadpool
-
-    answer = await run_in_threadpool(create)
+    try:
+        answer = await run_in_threadpool(create)
+    except IntegrityError:  # the same form sent twice at once: the other request made the job
+        with db.session() as session:
+            answer = idempotency.recall(session, caller.user_id, lifecycle.CREATE_ROUTE, key)
+        if answer is None:
+            raise
     if not isinstance(answer, str):
         return answer
     wake(db, settings, answer)
@@ -283,6 +324,7 @@ async def estimate(request: Request, db: DatabaseDep, settings: SettingsDep, cal
     panel in, and each field's message out of band)."""
     values = await _form(request)
     body, form_problems = request_body(values)
+    rows = rows_of(body)
 
     def predict() -> tuple[dict[str, Any] | None, dict[str, list[str]], list[str]]:
         by_field = {k: [v] for k, v in form_problems.items()}
@@ -293,10 +335,8 @@ async def estimate(request: Request, db: DatabaseDep, settings: SettingsDep, cal
                 return admission.estimate_job(session, settings, caller.user_id, JobCreate.model_validate(body)), \
                     by_field, []
             except (ValidationError, errors.InvalidRequest) as e:
-                found, general = problems_of(e)
+                found, general = problems_of(e, rows)
                 return None, {**found, **by_field}, general
-
-    from starlette.concurrency import run_in_threadpool
 
     result, by_field, general = await run_in_threadpool(predict)
     field_names = [*JOB_FIELDS, *FIELDS,

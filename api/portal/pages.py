@@ -40,7 +40,7 @@ SUGGESTIONS = {
     "invalid_hyperparameters": "Change the setting named in the message and submit the job again.",
     "device_unavailable": "The node lacks the devices the job asked for: ask for fewer GPUs, or ask an admin.",
     "worker_lost": "The job lost its worker more often than the service retries: ask an admin to check the "
-                   "nodes; a new job can start from its last checkpoint (choose it as the model).",
+                   "nodes, then submit it again (New job like this).",
     "internal_error": "This is a fault of the service: tell an admin, with the job id.",
 }
 
@@ -119,7 +119,7 @@ def _act(session, db, settings, caller, job_id: str, action: str, background: Ba
 @router.post("/jobs/{job_id}/{action}")
 def job_action(request: Request, job_id: str, action: str, session: SessionDep, db: DatabaseDep,
                settings: SettingsDep, caller: PageCaller, background: BackgroundTasks):
-    """Cancel, pause or resume from a page; back to the page it was sent from, with what happened."""
+    """Cancel, pause or resume from a page; then to the job's page, which shows what happened."""
     if action not in ("cancel", "pause", "resume"):
         return render(request, "error.html", caller, status_code=404, message=f"no action {action[:40]!r}")
     back = f"/jobs/{job_id}"

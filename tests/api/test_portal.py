@@ -69,7 +69,7 @@ def test_a_sign_in_gives_a_session_cookie_never_the_key(env):
     answer = client.post("/signin", data={"key": key, "next": "/files"}, headers=ORIGIN, follow_redirects=False)
     assert answer.status_code == 303 and answer.headers["location"] == "/files"
     cookie = answer.headers["set-cookie"]
-    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/" in cookie
     token = client.cookies["lomo_session"]
     assert key not in cookie and token not in key
     with database(settings.resolved_database_url()).session() as session:
@@ -178,7 +178,7 @@ def test_the_new_job_form_names_each_problem_at_its_field_and_keeps_the_values(e
     form.update(max_steps="3", n_epochs="1", max_seq_len="64")
     page = client.post("/jobs/new", data=form, headers=ORIGIN).text
     assert "file-nope" in field_error(page, "eval_0_file")
-    form.update(eval_0_task="", training_file="file-missing")
+    form.update(eval_0_task="", eval_0_file="", training_file="file-missing")
     page = client.post("/jobs/new", data=form, headers=ORIGIN).text
     assert "file-missing" in field_error(page, "training_file") and field_error(page, "max_steps") == ""
     form.update(training_file=file_id, lr="0.01", learning_rate_multiplier="2")  # a problem of the whole job
@@ -324,3 +324,56 @@ def test_deleting_from_the_lists_says_why_not(env):
     in_use = client.post(f"/files/{file_id}/delete", headers=ORIGIN)
     assert in_use.status_code == 409 and "not finished" in in_use.text  # the queued job trains on it
     assert file_id in client.get("/files").text
+
+
+def test_behind_a_proxy_changes_come_from_the_public_url(env):
+    _admin, settings, _model = env
+    proxied = Settings(**{**settings.model_dump(), "public_url": "https://lomo.lab.example"})
+    client = browser(proxied)  # the proxy passes Host: testserver; the browser is at lomo.lab.example
+    signed = client.post("/signin", data={"key": admin_key(settings)}, headers={"origin": "https://lomo.lab.example"},
+                         follow_redirects=False)
+    assert signed.status_code == 303 and "Secure" in signed.headers["set-cookie"]
+    client.cookies.set("lomo_session", signed.cookies["lomo_session"])
+    assert client.post("/v1/files", files={"file": ("x.jsonl", ROWS)},
+                       headers={"origin": "https://lomo.lab.example"}).status_code == 200
+    assert client.post("/v1/files", files={"file": ("x.jsonl", ROWS)},
+                       headers={"origin": "https://other.example"}).status_code == 403
+
+
+def test_signing_in_again_ends_the_earlier_session_and_a_stray_visit_keeps_the_cookie(env):
+    _admin, settings, _model = env
+    client = signed_in(settings, user_key(settings, "ann"))
+    first = client.cookies["lomo_session"]
+    signed_in_again = client.post("/signin", data={"key": user_key(settings, "ann")}, headers=ORIGIN,
+                                  follow_redirects=False)
+    assert signed_in_again.status_code == 303
+    stale = browser(settings)
+    stale.cookies.set("lomo_session", first)
+    assert stale.get("/v1/fine_tuning/jobs").status_code == 401  # the first session ended with the second sign-in
+    visitor = browser(settings)  # no cookie at all: sent to sign in, and no cookie is deleted
+    answer = visitor.get("/jobs/ftjob-x", follow_redirects=False)
+    assert answer.headers["location"] == "/signin?next=%2Fjobs%2Fftjob-x" and "set-cookie" not in answer.headers
+    live = visitor.get("/jobs?fragment=true", headers={"hx-request": "true",
+                                                      "hx-current-url": "http://testserver/jobs?status=queued"})
+    assert live.status_code == 204 and live.headers["hx-redirect"] == "/signin?next=%2Fjobs%3Fstatus%3Dqueued"
+
+
+def test_a_form_sent_twice_makes_one_job_and_eval_problems_stay_on_their_row(env):
+    _admin, settings, model = env
+    client = signed_in(settings, user_key(settings, "ann"))
+    file_id = upload(client)
+    page = client.get("/jobs/new").text
+    key = re.search(r'name="idempotency_key" value="([^"]+)"', page).group(1)
+    form = {"model": model, "training_file": file_id, "max_steps": "2", "idempotency_key": key}
+    first = client.post("/jobs/new", data=form, headers=ORIGIN, follow_redirects=False).headers["location"]
+    again = client.post("/jobs/new", data=form, headers=ORIGIN, follow_redirects=False).headers["location"]
+    assert first == again
+    with api_client(settings, "ann") as api:
+        assert len(api.get("/v1/fine_tuning/jobs").json()["data"]) == 1
+    rows = {"model": model, "training_file": file_id, "eval_1_task": "boolq", "eval_1_file": "file-nope",
+            "eval_2_file": file_id}
+    page = client.post("/jobs/new", data=rows, headers=ORIGIN).text
+    assert "task" in field_error(page, "eval_2_task")  # a file without its task
+    rows.pop("eval_2_file")
+    page = client.post("/jobs/new", data=rows, headers=ORIGIN).text
+    assert "file-nope" in field_error(page, "eval_1_file") and field_error(page, "eval_0_file") == ""

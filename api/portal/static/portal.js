@@ -34,7 +34,6 @@
 
   document.addEventListener("change", function (event) {
     var target = event.target;
-    if (target.hasAttribute && target.hasAttribute("data-autosubmit") && target.form) { target.form.requestSubmit(); }
     if (target.hasAttribute && target.hasAttribute("data-toggles")) {
       document.getElementById(target.getAttribute("data-toggles")).classList.toggle("only-differences", target.checked);
     }
@@ -84,7 +83,7 @@
       if (slot) { slot.textContent = ""; }
       select.removeAttribute("aria-invalid");
       select.closest(".field").classList.remove("invalid");
-      var label = f.filename + " · " + f.records + " records · " + f.bytes + " B · " + f.id;
+      var label = f.filename + " · " + f.records + " records · " + size(f.bytes) + " · " + f.id;
       $$("select[name=training_file], select[name=validation_file]").forEach(function (s) {
         var option = document.createElement("option");
         option.value = f.id;
@@ -98,6 +97,27 @@
       if (slot) { slot.textContent = "The upload failed: " + e.message; }
     });
   }
+
+  function size(bytes) {
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], value = bytes, unit = 0;
+    while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+    return unit === 0 ? value + " B" : value.toFixed(value < 10 ? 2 : 1) + " " + units[unit];
+  }
+
+  // a problem the prediction found in a setting under "More settings" opens it, so that it is seen
+  document.addEventListener("htmx:afterSettle", function () {
+    $$("details").forEach(function (details) {
+      if ($$(".field-error", details).some(function (p) { return p.textContent.trim(); })) { details.open = true; }
+    });
+    $$(".field").forEach(function (field) {
+      var slot = $(".field-error", field);
+      if (!slot || !slot.id || slot.id.indexOf("err-upload") === 0) { return; }
+      var bad = slot.textContent.trim() !== "";
+      field.classList.toggle("invalid", bad);
+      var input = $("input, select, textarea", field);
+      if (input) { if (bad) { input.setAttribute("aria-invalid", "true"); } else { input.removeAttribute("aria-invalid"); } }
+    });
+  });
 
   // --- smoothing --------------------------------------------------------------------------------------
   function smoothingWeight() {

@@ -12,7 +12,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors, portal
+from api import errors, metrics, portal
+from api.access import RequestObserver
 from api.routers import admin, cluster, estimates, files, health, jobs, models, webhooks
 from jobs.db import database
 from jobs.settings import Settings, get_settings
@@ -64,9 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = database(settings.resolved_database_url())
     errors.install(app)
+    app.add_middleware(RequestObserver)
 
     for module in (health, files, jobs, estimates, models, webhooks, admin, cluster):
         app.include_router(module.router)
     app.include_router(admin.me)
+    app.include_router(metrics.router)
     portal.install(app)
     return app

@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from jobs import logs
 from jobs.db import Database
 from jobs.errors import Forbidden, InvalidRequest, NotFound, Problem, Unauthorized
 from jobs.settings import Settings
@@ -104,6 +105,7 @@ def get_caller(request: Request, db: Annotated[Database, Depends(get_database)])
             raise Unauthorized("the API key is not valid: unknown, revoked, or of a disabled user")
         user, key = found
         request.state.key_id, request.state.user = key.id, user.name  # what logs name the caller by
+        logs.note(user=user.name)
         return Caller(user.id, bool(user.is_admin), key.id)
 
 
@@ -137,6 +139,7 @@ def session_caller(request: Request, db: Database, token: str) -> Caller:
             raise Unauthorized("the portal session has ended: sign in again", code="session_ended")
         user, key = found
         request.state.key_id, request.state.user = key.id, user.name
+        logs.note(user=user.name)
         return Caller(user.id, bool(user.is_admin), key.id)
 
 

@@ -184,12 +184,14 @@ def serve(
         help="start a worker process beside the API (default: only on the embedded broker)"),
 ) -> None:
     """Start the REST API; with no LOMO_BROKER_URL also one worker, so jobs run with no other setup."""
+    import logging
     import subprocess
     import sys
 
     import uvicorn
 
     from api.app import create_app
+    from jobs import logs
     from jobs.migrate import upgrade
 
     settings = _settings()
@@ -204,10 +206,19 @@ def serve(
     if worker if worker is not None else settings.embedded:
         child = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], preexec_fn=_stop_with_parent)
     where = "embedded SQLite + SQLite broker" if settings.embedded else "configured database + broker"
-    err.print(f"API on http://{host}:{port} (docs at /docs), {where}, data in {settings.data_dir.resolve()}"
-              + (", one worker beside it" if child else ""))
+    started = (f"API on http://{host}:{port} (docs at /docs), {where}, data in {settings.data_dir.resolve()}"
+               + (", one worker beside it" if child else ""))
+    json_logs = logs.configure(settings.log_format)  # JSON lines: one access line per request, with its id
+    if json_logs:
+        logging.getLogger("lomo.api").info(started)
+    else:
+        err.print(started)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        if json_logs:
+            uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=None,
+                        access_log=False)
+        else:
+            uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
     finally:
         if child is not None:
             child.terminate()
@@ -234,14 +245,18 @@ def worker(
     import subprocess
     import sys
 
+    from jobs import logs
+
     settings = _settings()
+    logs.configure(settings.log_format)  # JSON from the first line (warnings at start too); Celery's follow
+    quiet = ["--quiet"] if settings.log_format == "json" else []  # JSON lines only: no banner (a global option)
     if webhooks_only:
         os.environ["LOMO_WEBHOOKS_ONLY"] = "1"  # read by worker.app: this worker takes no jobs
         from jobs.queue import webhook_queue
         from worker.app import celery_app
 
-        celery_app.worker_main([
-            "worker", "--pool", "threads", "--concurrency", "4", "--queues", webhook_queue(settings),
+        celery_app.start([
+            *quiet, "worker", "--pool", "threads", "--concurrency", "4", "--queues", webhook_queue(settings),
             "--loglevel", loglevel, "--hostname", f"lomo-webhooks@{settings.worker_name}", "--without-gossip",
             "--without-mingle"])
         return
@@ -252,8 +267,8 @@ def worker(
         subprocess.Popen([sys.executable, "-m", "client.cli", "worker", "--webhooks-only", "--loglevel", loglevel],
                          preexec_fn=_stop_with_parent)
     slots = concurrency or max(1, len(node.gpu_memory_gib))
-    celery_app.worker_main([
-        "worker", "--concurrency", str(slots), "--queues", settings.queue, "--loglevel", loglevel,
+    celery_app.start([
+        *quiet, "worker", "--concurrency", str(slots), "--queues", settings.queue, "--loglevel", loglevel,
         "--hostname", f"lomo@{settings.worker_name}", "--without-gossip", "--without-mingle",
     ])
 

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     #: the name this worker claims jobs under (and the node its GPU leases belong to)
     worker_name: str = Field(default_factory=lambda: socket.gethostname())
+    #: a bearer token for Prometheus to scrape ``/metrics`` with (checked without the database, so the
+    #: scrape answers while it is down); unset: scraping needs an admin's API key
+    metrics_token: str | None = Field(None, min_length=16)
+    #: ``json``: one JSON object per log line (time, level, logger, message, job_id, user, request_id) from
+    #: the API, the workers and the training processes; ``text``: the usual lines
+    log_format: Literal["text", "json"] = "text"
     #: the owner of requests while the service has no authentication
     default_user: str = "local"
     #: a sign-in to the web portal lasts this long (hours); signing out, revoking its API key or

@@ -117,6 +117,18 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def admin_env(tmp_path, tiny_model_dir, database_url):
+    """The API on each database with the tiny model registered by name: (a client with the local admin's
+    key, the settings, the model's name)."""
+    from jobs.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[tiny_model_dir.parent],
+                        device="cpu")
+    with api_client(settings) as admin:
+        yield admin, settings, tiny_model_dir.name
+
+
 def seed_jobs(db, specs: list[tuple[int, int]], status: str = "queued") -> list[str]:
     """Jobs of (GPUs, priority) for user "ann" on one stand-in file, created one second apart in this
     order, with ``status``: for the scheduler's and the leases' tests, which need rows, not runs."""

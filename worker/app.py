@@ -19,11 +19,11 @@ import os
 import threading
 import time
 
-from celery.signals import worker_init, worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready
 from kombu.exceptions import KombuError
 from sqlalchemy.exc import IntegrityError
 
-from jobs import leases, lifecycle, nodes, webhooks
+from jobs import leases, lifecycle, logs, nodes, webhooks
 from jobs.db import UNREACHABLE
 from jobs.queue import DELIVER_WEBHOOK, RUN_JOB, dispatch_due_webhooks, enqueue, make_celery, send_delivery
 from jobs.recovery import recover_lost
@@ -79,6 +79,15 @@ def _migrate(**_kwargs) -> None:
         from jobs.migrate import upgrade
 
         upgrade(settings.resolved_database_url())
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger=None, **_kwargs) -> None:
+    if logger is not None:  # LOMO_LOG_FORMAT=json: Celery's handlers write JSON lines too
+        logs.reformat(logger)
+        if logs.json_wanted():
+            logging.captureWarnings(True)
 
 
 @worker_ready.connect

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
+from jobs import logs
 from lomo_core.errors import classify
+
+#: the training process's own lines (its job's train.log; JSON with the job's id when LOMO_LOG_FORMAT=json)
+log = logging.getLogger("lomo.train")
 
 
 class Cancelled(Exception):
@@ -39,7 +43,7 @@ class PipeSink:
         try:
             self._out.write(json.dumps({"kind": kind, "step": step, "payload": payload}, default=str) + "\n")
         except OSError:  # the pipe broke: no worker reads our records any more; stop everything (ranks too)
-            print("the worker's end of the report pipe is gone: stopping", file=sys.stderr, flush=True)
+            log.error("the worker's end of the report pipe is gone: stopping")
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
     def write(self, kind: str, step: int, payload: dict[str, Any]) -> None:
@@ -167,7 +171,7 @@ def _checkpoint_scorer(requests: list[dict[str, Any]], sink: PipeSink) -> Any:
         except Exception as error:  # reported, and training goes on
             sink.emit("event", step, {"message": f"evaluation at checkpoint {step} failed: {type(error).__name__}: "
                                                  f"{error}", "level": "warning"})
-            traceback.print_exc(file=sys.stderr)
+            log.exception("evaluation at checkpoint %d failed", step)
 
     return score
 
@@ -175,12 +179,13 @@ def _checkpoint_scorer(requests: list[dict[str, Any]], sink: PipeSink) -> Any:
 def _score_in_child(requests: list[dict[str, Any]], model_dir: str, model_ref: str, device: str, dtype: str,
                     connection: Any) -> None:
     """:func:`_score` in a spawned process: its records go back through ``connection``."""
+    logs.configure()
     try:
         _score(requests, model_dir, model_ref, device, dtype, lambda kind, payload: connection.send((kind, payload)))
         connection.send(("ok", {}))
     except BaseException as error:  # reported to the parent, which turns it into a warning
         connection.send(("failed", {"message": f"{type(error).__name__}: {error}"}))
-        traceback.print_exc(file=sys.stderr)
+        log.exception("scoring the %s model failed", model_ref)
     finally:
         connection.close()
 
@@ -229,7 +234,7 @@ def _evaluate(requests: list[dict[str, Any]], model_dir: Any, model_ref: str, co
             raise
         except Exception as error:  # reported, and the job goes on
             failure = f"{type(error).__name__}: {error}"
-            traceback.print_exc(file=sys.stderr)
+            log.exception("evaluation of the %s model failed", model_ref)
     if sink.stop_requested:  # cancelled while scoring: stop here, before (or instead of) what comes next
         raise Cancelled
     if failure:
@@ -251,8 +256,7 @@ def _watch_the_fence(attempt_file: Path, attempt: int, interval_s: float = 0.5) 
             except (OSError, ValueError):
                 owner = attempt
             if owner > attempt:
-                print(f"attempt {attempt} stops: attempt {owner} of this job runs elsewhere", file=sys.stderr,
-                      flush=True)
+                log.error("attempt %d stops: attempt %d of this job runs elsewhere", attempt, owner)
                 os.killpg(os.getpgrp(), signal.SIGKILL)
             time.sleep(interval_s)
 
@@ -276,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempt", type=int, help="the job's attempt: it stops when the job's folder names "
                                                     "a later one (in .attempt)")
     args = parser.parse_args(argv)
+    logs.configure()  # JSON lines with the job's id (LOMO_JOB_ID) when LOMO_LOG_FORMAT=json
+    logs.wrap_standard_streams()  # and so is anything else the training code prints
     sink = PipeSink(args.fd)
 
     def orphaned() -> bool:
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with open(args.config, encoding="utf-8") as f:
             config = load_config(json.load(f))
+        log.info("training starts: %s on %d rank(s), attempt %s", config.optimizer, config.nproc, args.attempt)
         evals_path = Path(args.config).with_name("evals.json")
         evals = json.loads(evals_path.read_text()) if evals_path.is_file() else []
         if evals and config.resume_from is None:
@@ -317,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             sink.emit("paused", paused.step, {"step": paused.step})
             return 0
         _evaluate(evals, result.model_dir, "fine_tuned", config, sink)
+        log.info("training done: %d steps, %d tokens in %.1f s", result.steps, result.trained_tokens, result.seconds)
         sink.emit("done", result.steps, {
             "model_dir": str(result.model_dir) if result.model_dir else None, "steps": result.steps,
             "val_loss": result.val_loss, "trained_tokens": result.trained_tokens, "seconds": result.seconds,
@@ -326,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         sink.emit("cancelled", 0, {})
         return 3
     except BaseException as error:  # every failure is reported, then its traceback goes to the log
-        sink.emit("error", 0, classify(error))
-        traceback.print_exc(file=sys.stderr)
+        failure = classify(error)
+        sink.emit("error", 0, failure)
+        log.exception("the run failed (%s)", failure["code"])
         return 1
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs import admission, catalog, events, files, leases, lifecycle, scheduler, telemetry
+from jobs import admission, catalog, events, files, leases, lifecycle, logs, scheduler, telemetry
 from jobs import devices as devices_mod
 from jobs.db import UNREACHABLE, Database, is_unreachable, retrying
 from jobs.models import File, Job
@@ -99,7 +99,14 @@ class JobRunner:
         if poll and started.job_id != job_id and self._queued(job_id):
             # this message started another job: its own job keeps a poller meanwhile
             self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
+        with logs.context(job_id=started.job_id):  # the worker's log lines of this run name the job
+            return self._run_started(started)
+
+    def _run_started(self, started: scheduler.Started) -> str:
+        """Run the job the scheduler started here to its end (``run``)."""
         job_id, devices, attempt = started.job_id, started.devices, started.attempt
+        log.info("job %s: attempt %d starts%s", job_id, attempt,
+                 f" on GPU(s) {', '.join(map(str, devices))}" if devices else "")
         fenced = abandoned = False
         patience = self.settings.db_outage_s  # how long each write below waits for a database that is away
         try:
@@ -144,7 +151,9 @@ class JobRunner:
             self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
         if ended is JobStatus.QUEUED:  # preempted: queued again, it keeps a message that polls for it
             self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
+            log.info("job %s: preempted, queued again", job_id)
             return "preempted"
+        log.info("job %s: attempt %d ended %s", job_id, attempt, outcome.status.value)
         return outcome.status.value
 
     def _release(self, job_id: str, attempt: int) -> None:
@@ -267,7 +276,8 @@ class JobRunner:
                 (output_dir / ATTEMPT_FILE).write_text(str(attempt))
             fence = ["--attempt", str(attempt)]
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "LOMO_JOB_ID": job_id}  # the training process's log lines name their job
         if devices is not None:
             # lease indices are nvidia-smi's, which number GPUs in PCI bus order; CUDA must read them alike
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")

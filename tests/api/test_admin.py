@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.settings import Settings
-from tests.conftest import api_client
-
 ROW = b'{"prompt": "a", "response": "b"}\n'
 
 
 @pytest.fixture
-def env(tmp_path, tiny_model_dir, database_url):
-    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[tiny_model_dir.parent],
-                        device="cpu")
-    with api_client(settings) as admin:
-        yield admin, settings, tiny_model_dir.name
+def env(admin_env):
+    return admin_env
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from api.app import bootstrap_admin_key, create_app
 from jobs.migrate import upgrade
+from jobs.nodes import register_node
 from jobs.settings import Settings
 from tests.conftest import create_postgres_database, drop_postgres_database
 
@@ -26,10 +27,12 @@ atexit.register(shutil.rmtree, _DIR, True)
 _DATABASE = create_postgres_database()
 atexit.register(drop_postgres_database, _DATABASE)
 _SETTINGS = Settings(data_dir=_DIR / "var", database_url=_DATABASE, model_dirs=[_DIR / "models"],
-                     max_upload_bytes=1 << 16, webhook_timeout_s=1)
+                     max_upload_bytes=1 << 16, webhook_timeout_s=1, heartbeat_timeout_s=3600)
 upgrade(_SETTINGS.resolved_database_url())
 _APP = create_app(_SETTINGS)
 bootstrap_admin_key(_SETTINGS, _APP.state.db)  # what the lifespan does; every generated request sends the key
+with _APP.state.db.session() as _session:  # a worker's node, seen: the deployment is ready (/readyz answers 200)
+    register_node(_session, "fuzz-node", [])
 _AUTHORIZED = {"Authorization": f"Bearer {_SETTINGS.admin_key_file.read_text().strip()}"}
 schema = schemathesis.openapi.from_asgi("/openapi.json", _APP)
 _SENT: dict[str, int] = {}  # requests sent per operation

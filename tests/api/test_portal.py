@@ -28,11 +28,8 @@ VENDOR = Path(__file__).resolve().parents[2] / "api" / "portal" / "static" / "ve
 
 
 @pytest.fixture
-def env(tmp_path, tiny_model_dir, database_url):
-    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, model_dirs=[tiny_model_dir.parent],
-                        device="cpu")
-    with api_client(settings) as admin:
-        yield admin, settings, tiny_model_dir.name
+def env(admin_env):
+    return admin_env
 
 
 def browser(settings, **kwargs) -> TestClient:

@@ -1,7 +1,7 @@
 """What an operator scrapes and probes, through the app: ``/metrics`` parses with Prometheus' own parser and
 its figures follow the database (a job queued, started, ended); requests are counted by route template;
 ``/healthz`` answers without the database, ``/readyz`` names the check that fails (the database, the
-migrations, the broker, the workers). With the real Postgres stopped: tests/e2e/test_operations.py."""
+migrations, the broker, the workers). With the real Postgres stopped: tests/e2e/test_live_operations.py."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from api import errors, metrics, portal
 from api.access import RequestObserver
 from api.routers import admin, cluster, estimates, files, health, jobs, models, webhooks
+from jobs import logs
 from jobs.db import database
 from jobs.settings import Settings, get_settings
 from lomo_core import __version__
@@ -46,6 +47,7 @@ def bootstrap_admin_key(settings: Settings, db) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.configure(settings.log_format)  # each API process's lines as JSON when asked (a no-op for text)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

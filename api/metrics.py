@@ -8,7 +8,7 @@ database (``jobs.metrics``), so they are the same whichever API process answers 
 did. The API's own requests (counts by route and status, latency histograms) are counted in the process
 that served them; with several API processes (``lomo serve --workers N``) each writes its figures to a
 shared folder and any of them answers for all (prometheus-client's multiprocess mode:
-``PROMETHEUS_MULTIPROC_DIR``, set by ``lomo serve``).
+``PROMETHEUS_MULTIPROC_DIR``, which ``lomo serve`` sets to ``data_dir/prometheus`` and empties at start).
 """
 
 from __future__ import annotations

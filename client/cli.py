@@ -182,16 +182,21 @@ def serve(
     worker: bool | None = typer.Option(
         None, "--worker/--no-worker",
         help="start a worker process beside the API (default: only on the embedded broker)"),
+    workers: int = typer.Option(1, "--workers", min=1, max=64,
+                                help="API processes sharing the port (their request figures are summed in /metrics)"),
 ) -> None:
     """Start the REST API; with no LOMO_BROKER_URL also one worker, so jobs run with no other setup."""
     import logging
+    import os
+    import shutil
     import subprocess
     import sys
 
     import uvicorn
 
-    from api.app import create_app
+    from api.app import bootstrap_admin_key, create_app
     from jobs import logs
+    from jobs.db import database
     from jobs.migrate import upgrade
 
     settings = _settings()
@@ -202,23 +207,33 @@ def serve(
     except Exception as e:
         _fail([f"cannot prepare the database {settings.resolved_database_url()}: {type(e).__name__}: {e}",
                "check LOMO_DATABASE_URL (or LOMO_DATA_DIR for the default SQLite file)"], code=1)
+    if workers > 1:
+        # Made here, once, before the processes start: each would otherwise make the first admin key itself.
+        bootstrap_admin_key(settings, database(settings.resolved_database_url()))
+        # Each process counts its requests in files of this folder and /metrics sums them (prometheus-client's
+        # multiprocess mode); the folder is emptied at each start, as the library requires.
+        figures = settings.data_dir / "prometheus"
+        shutil.rmtree(figures, ignore_errors=True)
+        figures.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(figures.resolve())
     child = None
     if worker if worker is not None else settings.embedded:
         child = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], preexec_fn=_stop_with_parent)
     where = "embedded SQLite + SQLite broker" if settings.embedded else "configured database + broker"
     started = (f"API on http://{host}:{port} (docs at /docs), {where}, data in {settings.data_dir.resolve()}"
-               + (", one worker beside it" if child else ""))
+               + (f", {workers} API processes" if workers > 1 else "") + (", one worker beside it" if child else ""))
     json_logs = logs.configure(settings.log_format)  # JSON lines: one access line per request, with its id
     if json_logs:
         logging.getLogger("lomo.api").info(started)
     else:
         err.print(started)
+    # several processes build the app themselves (api.app:create_app, from the same LOMO_* environment)
+    app_of = "api.app:create_app" if workers > 1 else create_app(settings)
+    logging_options = ({"log_level": "info", "log_config": None, "access_log": False} if json_logs
+                       else {"log_level": "warning"})
     try:
-        if json_logs:
-            uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=None,
-                        access_log=False)
-        else:
-            uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        uvicorn.run(app_of, host=host, port=port, factory=workers > 1, workers=workers if workers > 1 else None,
+                    **logging_options)
     finally:
         if child is not None:
             child.terminate()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from client.rest import ApiError, LomoClient
 from tests.conftest import INSTRUCT, STORIES, need_shared
@@ -96,3 +97,46 @@ def test_bad_settings_stop_the_service_with_the_variable_named(tmp_path, command
     assert done.returncode == 2
     assert needle in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr
+
+
+def test_several_api_processes_share_the_port_and_metrics_sum_their_requests(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOMO_")}
+    env.update(LOMO_DEVICE="cpu", LOMO_METRICS_TOKEN="t" * 32)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port), "--workers", "2",
+                                   "--no-worker"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    figures = tmp_path / "var" / "prometheus"
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        keys = tmp_path / "var" / "admin-key"
+        assert len(keys.read_text().split()) == 1  # made once, before the processes started
+        sent = 1
+        # until both processes have served some (each connection goes to whichever accepts it first)
+        while len({p.stem.rsplit("_", 1)[-1] for p in figures.glob("counter_*.db")}) < 2:
+            assert sent < 2000 and time.monotonic() < deadline + 60, "only one API process answered"
+            httpx.get(url + "/healthz", timeout=5)
+            sent += 1
+        for _ in range(3):  # any process answers for all of them
+            answer = httpx.get(url + "/metrics", headers={"Authorization": "Bearer " + "t" * 32}, timeout=10)
+            assert answer.status_code == 200, answer.text
+            counted = sum(s.value for family in text_string_to_metric_families(answer.text) for s in family.samples
+                          if s.name == "lomo_http_requests_total" and s.labels["route"] == "/healthz")
+            assert counted == sent
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

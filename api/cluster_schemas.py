@@ -36,6 +36,8 @@ class ClusterNode(BaseModel):
                                      "the heartbeat timeout at most), or a heartbeat of a job it runs")
     alive: bool = Field(description="seen within the heartbeat timeout")
     gpus: list[ClusterGpu] = Field(description="empty for a CPU node")
+    cpu_bf16_slowdown: float | None = Field(None, description="a CPU node's bf16 matmul time over fp32's, measured "
+                                                              "at its workers' start (above 3: bf16 is emulated)")
     running: list[ClusterRunningJob] = Field(description="the jobs it runs now, first started first")
 
 

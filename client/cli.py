@@ -969,6 +969,8 @@ def estimate(
         out.print("per device: " + ", ".join(parts))
     if answer.get("reason"):
         out.print(f"reason: {_text(answer['reason'])}")
+    for warning in answer.get("warnings") or []:
+        out.print(f"[yellow]warning:[/] {_text(warning)}")
 
 
 @app.command("jobs")

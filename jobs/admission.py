@@ -15,7 +15,7 @@ from jobs.errors import InvalidRequest, NotFound, Problem
 from jobs.evalspecs import checked_evals
 from jobs.files import file_path, get_file
 from jobs.models import File
-from jobs.nodes import deployment_inventory
+from jobs.nodes import bf16_warning, deployment_inventory
 from jobs.schemas import AUTO_BATCH_SIZES, HYPERPARAMETERS, JobCreate
 from jobs.settings import Settings
 from jobs.users import ensure_user
@@ -95,11 +95,13 @@ def predict_memory(session: Session, settings: Settings, model: Path, resolved: 
         gradient_checkpointing=resolved["gradient_checkpointing"], loss_chunk_size=resolved["loss_chunk_size"],
         device=device,
     )
+    slow_bf16 = bf16_warning(session, settings, resolved["dtype"]) if device == "cpu" else None
     return {
         "available": True, "fits": placement.fits, "gpus": placement.gpus if device == "cuda" else None,
         "device": device, "devices": count, "device_bytes": device_bytes, "reason": placement.reason,
         "parameters": shape.parameters, "per_device": placement.estimate.as_dict(),
         "per_device_gib": round(placement.estimate.peak_bytes / GiB, 2),
+        "warnings": [slow_bf16] if slow_bf16 else [],
     }
 
 

@@ -85,6 +85,7 @@ def cluster_view(session: Session, settings: Settings, viewer: str | None, hours
                  **holder.get((row.name, index), {"job": None, "mine": False, "user": None, "since": None})}
                 for index, gib in enumerate(row.gpu_memory_gib or [])]
         nodes.append({"name": row.name, "seen_at": seen, "alive": seen >= alive_after, "gpus": gpus,
+                      "cpu_bf16_slowdown": row.cpu_bf16_slowdown,
                       "running": [{k: v for k, v in j.items() if k != "heartbeat_at"} for j in jobs_here]})
 
     leases, cut = _leases(session, now, since, job_of)

@@ -66,6 +66,8 @@ def create_job(session: Session, settings: Settings, owner: str, request: JobCre
         add_event(session, job.id, f"at_checkpoints is ignored: this job runs on {job.gpus} devices, where "
                                    "checkpoints are partitioned; the base and fine-tuned models are still scored",
                   "warning")
+    for warning in prediction.get("warnings") or []:
+        add_event(session, job.id, warning, "warning")
     if prediction.get("available"):
         level = "info" if prediction["fits"] else "warning"
         add_event(session, job.id, f"predicted memory: {prediction['per_device_gib']} GiB per device; "

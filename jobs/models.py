@@ -261,6 +261,9 @@ class Node(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     gpu_memory_gib: Mapped[list[Any]] = mapped_column(JSON, default=list)
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: a CPU node's bf16 matmul time over fp32's, from the probe at its workers' start (``lomo_core.cpu_probe``;
+    #: above 3: no native bf16, bf16 jobs crawl there); None for GPU nodes and nodes not probed
+    cpu_bf16_slowdown: Mapped[float | None] = mapped_column(Float)
 
 
 class IdempotencyKey(Base):

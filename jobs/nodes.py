@@ -9,13 +9,33 @@ from jobs.models import Node, utcnow
 from jobs.settings import Settings
 
 
-def register_node(session: Session, name: str, gpu_memory_gib: list[float]) -> None:
-    """Record (or refresh) a worker node's GPUs: the API places jobs on what the workers have."""
+def register_node(session: Session, name: str, gpu_memory_gib: list[float],
+                  cpu_bf16_slowdown: float | None = None) -> None:
+    """Record (or refresh) a worker node's GPUs, and for a CPU node what its bf16 probe measured: the API
+    places jobs on what the workers have."""
     node = session.get(Node, name)
     if node is None:
-        session.add(Node(name=name, gpu_memory_gib=list(gpu_memory_gib), seen_at=utcnow()))
+        session.add(Node(name=name, gpu_memory_gib=list(gpu_memory_gib), seen_at=utcnow(),
+                         cpu_bf16_slowdown=cpu_bf16_slowdown))
     else:
         node.gpu_memory_gib, node.seen_at = list(gpu_memory_gib), utcnow()
+        node.cpu_bf16_slowdown = cpu_bf16_slowdown
+
+
+def bf16_warning(session: Session, settings: Settings, dtype: str) -> str | None:
+    """For a bf16 job on this deployment's CPU nodes, when none of those that were probed multiplies bf16
+    natively: what to do instead (fp32); otherwise None."""
+    from lomo_core.cpu_probe import SLOW_FACTOR
+
+    if dtype != "bf16" or settings.gpu_memory_gib:
+        return None
+    probed = [n for n in session.scalars(select(Node)) if not n.gpu_memory_gib and n.cpu_bf16_slowdown is not None]
+    if not probed or any(n.cpu_bf16_slowdown <= SLOW_FACTOR for n in probed):
+        return None
+    best = min(probed, key=lambda n: n.cpu_bf16_slowdown)
+    return (f"bf16 on this deployment's CPU node(s) is emulated: a bf16 matmul takes {best.cpu_bf16_slowdown:.0f}x "
+            f"as long as fp32 on {best.name} (no native bf16 on its CPU); set dtype fp32, which will run many "
+            "times faster here")
 
 
 def node_seen(session: Session, name: str) -> None:

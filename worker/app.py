@@ -159,12 +159,20 @@ def start_node(settings: Settings, slots: int | None = None) -> None:
     them to fill its own slots (one per GPU): jobs whose messages were lost (submitted while the broker
     was down) start in queue order, and restarts do not multiply the messages in the broker."""
     db = settings.worker_database()
+    slowdown = None
+    if not settings.gpu_memory_gib:  # a CPU node: does it multiply bf16 natively? (bf16 jobs crawl if not)
+        from lomo_core.cpu_probe import probe_bf16_matmul
+
+        probe = probe_bf16_matmul()
+        slowdown = round(probe.slowdown, 2)
+        log.info("bf16 matmul on this CPU: %.2f ms against %.2f ms in fp32 (%s)", probe.bf16_ms, probe.fp32_ms,
+                 "native" if probe.native else "emulated: bf16 jobs are warned to use fp32")
     try:
         with db.session() as session:
-            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib, slowdown)
     except IntegrityError:  # another worker process of this node registered it at the same moment
         with db.session() as session:
-            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib)
+            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib, slowdown)
     for job_id in recover_lost(db, settings):  # lost while no worker was up: they are queued again first
         log.info("job %s: its worker was lost; it is queued again", job_id)
     with db.session() as session:

@@ -374,3 +374,19 @@ def test_a_form_sent_twice_makes_one_job_and_eval_problems_stay_on_their_row(env
     rows.pop("eval_2_file")
     page = client.post("/jobs/new", data=rows, headers=ORIGIN).text
     assert "file-nope" in field_error(page, "eval_1_file") and field_error(page, "eval_0_file") == ""
+
+
+def test_the_estimate_warns_of_bf16_on_a_cpu_node_that_emulates_it(env):
+    _admin, settings, model = env
+    from jobs import nodes
+
+    with database(settings.resolved_database_url()).session() as session:
+        nodes.register_node(session, "epyc-1", [], cpu_bf16_slowdown=40.0)
+    client = signed_in(settings, user_key(settings, "ann"))
+    file_id = upload(client)
+    page = client.post("/jobs/new/estimate", data={"model": model, "training_file": file_id, "dtype": "bf16"},
+                       headers=ORIGIN).text
+    assert 'id="estimate-warning"' in page and "set dtype fp32" in page
+    assert "emulated, 40x slower than fp32" in client.get("/cluster").text
+    fp32 = client.post("/jobs/new/estimate", data={"model": model, "training_file": file_id}, headers=ORIGIN).text
+    assert 'id="estimate-warning"' not in fp32

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOMO_", extra="ignore")
+    # an empty variable is an unset one: compose passes ``${LOMO_X:-}`` through as ""
+    model_config = SettingsConfigDict(env_prefix="LOMO_", extra="ignore", env_ignore_empty=True)
 
     #: where uploaded files, checkpoints and exported models live; every worker must see the same folder
     data_dir: Path = Path("var")

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
@@ -256,11 +257,17 @@ def _config_bytes(folder: str | Path) -> tuple[Path, bytes]:
     return folder, (folder / "config.json").read_bytes()
 
 
+#: transformers imports its classes lazily, and that is not thread-safe: two API threads reading a model or a
+#: tokenizer for the first time at once can get an ImportError. Cache misses take this lock (hits do not).
+_TRANSFORMERS = threading.Lock()
+
+
 @functools.lru_cache(maxsize=128)
 def _shape_of(folder: str, digest: str, config_text: str) -> ModelShape:
     from lomo_core import memory_model
 
-    return memory_model.model_shape(json.loads(config_text))
+    with _TRANSFORMERS:
+        return memory_model.model_shape(json.loads(config_text))
 
 
 def model_shape(folder: str | Path) -> ModelShape:
@@ -288,12 +295,13 @@ def _tokenizer_fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
 
 @functools.lru_cache(maxsize=128)
 def _tokenizer_size_of(folder: str, fingerprint: tuple[tuple[str, int, int], ...]) -> int | None:
-    from transformers import AutoTokenizer
+    with _TRANSFORMERS:
+        from transformers import AutoTokenizer
 
-    try:
-        return len(AutoTokenizer.from_pretrained(folder))
-    except Exception:  # noqa: BLE001 - not a tokenizer this check can read: training reports its own error
-        return None
+        try:
+            return len(AutoTokenizer.from_pretrained(folder))
+        except Exception:  # noqa: BLE001 - not a tokenizer this check can read: training reports its own error
+            return None
 
 
 def tokenizer_size(folder: str | Path) -> int | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import RedirectResponse
+from sqlalchemy import select
 
 from api.deps import DatabaseDep, SessionDep, SettingsDep
 from api.portal.auth import PageCaller
@@ -19,7 +20,7 @@ from api.portal.render import render, to_datetime
 from api.routers.jobs import send_webhooks, wake
 from api.views import checkpoint_object, eval_object, event_object, job_object
 from jobs import catalog, cluster, errors, files, lifecycle, results, users
-from jobs.models import Job
+from jobs.models import Job, User
 from jobs.states import JobStatus
 
 router = APIRouter(include_in_schema=False)
@@ -48,11 +49,13 @@ JOB_LIST_LIMIT = 50
 
 
 def _owner_names(session, owner_ids: list[str]) -> dict[str, str]:
-    """The names of the users of ``owner_ids`` (admins' lists show whose each row is)."""
-    if not owner_ids:
+    """The names of the users of ``owner_ids`` (lists show whose each row is): one query for just those
+    users, as the jobs list polls every few seconds."""
+    wanted = set(owner_ids)
+    if not wanted:
         return {}
-    names = {u.id: u.name for u, _keys in users.list_users(session)}
-    return {i: names.get(i, i) for i in owner_ids}
+    names = dict(session.execute(select(User.id, User.name).where(User.id.in_(wanted))).all())
+    return {i: names.get(i, i) for i in wanted}
 
 
 def _metadata_filter(text: str | None) -> dict[str, str]:
@@ -99,7 +102,9 @@ def jobs_page(request: Request, session: SessionDep, caller: PageCaller, status:
             problem = str(e)
     context = {"rows": rows, "more": more, "problem": problem, "status": status or "", "user": user or "",
                "meta": meta or "", "after": after or "", "statuses": [s.value for s in JobStatus],
-               "user_names": [u.name for u, _ in users.list_users(session)] if caller.is_admin else []}
+               # the admins' user filter is on the page, not in the rows that polls fetch
+               "user_names": [u.name for u, _ in users.list_users(session)] if caller.is_admin and not fragment
+               else []}
     return render(request, "_job_rows.html" if fragment else "jobs.html", caller, nav="jobs", **context)
 
 

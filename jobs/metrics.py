@@ -16,13 +16,13 @@ from datetime import timedelta
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from jobs.db import Database
 from jobs.models import GpuLease, Job, MemorySample, Node, WebhookDelivery, aware, utcnow
 from jobs.settings import Settings
-from jobs.states import ACTIVE, TERMINAL, JobStatus
+from jobs.states import TERMINAL, JobStatus
 
 log = logging.getLogger("lomo.metrics")
 
@@ -30,12 +30,14 @@ log = logging.getLogger("lomo.metrics")
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0, 24 * 3600.0,
                     3 * 24 * 3600.0, 7 * 24 * 3600.0)
 FINISHED = tuple(s.value for s in TERMINAL)
+#: the jobs whose memory is exported: those that hold GPUs
+RUNS = (JobStatus.RUNNING.value, JobStatus.PAUSING.value)
 
 
 class ServiceCollector(Collector):
     """Jobs by status, the queue by priority, GPUs held and free per node, nodes up, finished jobs by
     outcome with their durations, tokens trained, recoveries and preemptions, webhook deliveries, and the
-    predicted and measured peak memory of each job that has not ended. A database that cannot be read
+    predicted and measured peak memory of each running job. A database that cannot be read
     gives ``lomo_database_up 0`` and nothing else, never a failed scrape."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
@@ -92,14 +94,18 @@ class ServiceCollector(Collector):
 
         durations = HistogramMetricFamily("lomo_job_duration_seconds", "Time from a job's start to its end, by "
                                           "outcome (jobs that started)", labels=["status"])
-        rows = session.execute(select(Job.status, Job.started_at, Job.finished_at)
-                               .where(Job.status.in_(FINISHED), Job.started_at.is_not(None),
-                                      Job.finished_at.is_not(None))).all()
+        # bucketed by the database: a scrape costs the same with ten finished jobs or a year of them
+        seconds = _seconds_between(session, Job.started_at, Job.finished_at)
+        columns = [func.count(), func.coalesce(func.sum(seconds), 0.0)]
+        columns += [func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0) for bound in DURATION_BUCKETS]
+        rows = {status: figures for status, *figures in session.execute(
+            select(Job.status, *columns).where(Job.status.in_(FINISHED), Job.started_at.is_not(None),
+                                               Job.finished_at.is_not(None)).group_by(Job.status))}
         for status in FINISHED:
-            seconds = [(aware(end) - aware(start)).total_seconds() for s, start, end in rows if s == status]
-            buckets = [(f"{bound:g}", sum(1 for d in seconds if d <= bound)) for bound in DURATION_BUCKETS]
-            buckets.append(("+Inf", len(seconds)))
-            durations.add_metric([status], buckets, sum(seconds))
+            count, total, *cumulative = rows.get(status, [0, 0.0] + [0] * len(DURATION_BUCKETS))
+            buckets = [(f"{bound:g}", int(n)) for bound, n in zip(DURATION_BUCKETS, cumulative, strict=True)]
+            buckets.append(("+Inf", int(count)))
+            durations.add_metric([status], buckets, float(total))
         yield durations
 
         tokens, recoveries, preemptions = session.execute(
@@ -146,11 +152,12 @@ class ServiceCollector(Collector):
         yield done
 
     def _memory(self, session: Session) -> Iterator[Metric]:
-        """Per job that has not ended (bounded: the queue's and the running jobs'), its predicted peak per
-        device and the largest measured so far."""
-        family = GaugeMetricFamily("lomo_job_peak_memory_bytes", "Peak memory per device of each job that has "
-                                   "not ended: predicted, and measured so far", labels=["job", "kind"])
-        active = session.execute(select(Job.id, Job.predicted_memory).where(Job.status.in_(ACTIVE))).all()
+        """Per job that runs (or is pausing), its predicted peak per device and the largest measured so far.
+        Only those: they are bounded by the GPUs (a series per queued job would grow with the queue, and
+        Prometheus keeps every series it has seen); a queued job's prediction is in its estimate."""
+        family = GaugeMetricFamily("lomo_job_peak_memory_bytes", "Peak memory per device of each running job: "
+                                   "predicted, and measured so far", labels=["job", "kind"])
+        active = session.execute(select(Job.id, Job.predicted_memory).where(Job.status.in_(RUNS))).all()
         ids = [job_id for job_id, _ in active]
         measured = dict(session.execute(select(MemorySample.job_id, func.max(MemorySample.peak_bytes))
                                         .where(MemorySample.job_id.in_(ids)).group_by(MemorySample.job_id)).all()
@@ -162,3 +169,10 @@ class ServiceCollector(Collector):
             if job_id in measured:
                 family.add_metric([job_id, "measured"], measured[job_id])
         yield family
+
+
+def _seconds_between(session: Session, start, end):
+    """SQL for the seconds from ``start`` to ``end`` (timestamp columns) in the session's database."""
+    if session.get_bind().dialect.name == "sqlite":
+        return (func.julianday(end) - func.julianday(start)) * 86400.0
+    return func.extract("epoch", end - start)

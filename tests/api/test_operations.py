@@ -5,6 +5,8 @@ migrations, the broker, the workers). With the real Postgres stopped: tests/e2e/
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
@@ -50,7 +52,8 @@ def test_metrics_follow_a_job_from_queued_to_succeeded(env):
     queued = scrape(admin)
     assert queued[("lomo_jobs", (("status", "queued"),))] == 1
     assert queued[("lomo_queue_depth", (("priority", "0"),))] == 1
-    assert queued[("lomo_job_peak_memory_bytes", (("job", job_id), ("kind", "predicted")))] > 0
+    predicted = ("lomo_job_peak_memory_bytes", (("job", job_id), ("kind", "predicted")))
+    assert predicted not in queued  # per-job series only for running jobs: bounded by the GPUs, not the queue
     posted = (("method", "POST"), ("route", "/v1/fine_tuning/jobs"), ("status", "200"))
     assert queued[("lomo_http_requests_total", posted)] == before.get(("lomo_http_requests_total", posted), 0) + 1
 
@@ -64,13 +67,22 @@ def test_metrics_follow_a_job_from_queued_to_succeeded(env):
         not in running
     assert running[("lomo_gpus", (("node", "node-a"), ("state", "free")))] == 2
     assert running[("lomo_node_up", (("node", "node-a"),))] == 1
+    assert running[predicted] > 0
     with db.session() as session:
         lifecycle.finish_job(session, job_id, lifecycle.Outcome(JobStatus.SUCCEEDED, fine_tuned_model="ft:x"))
+        job = session.get(Job, job_id)
+        job.finished_at = job.started_at + timedelta(seconds=1000)  # bucketed by the database: 1000 s exactly
     done = scrape(admin)
     assert done[("lomo_jobs_finished_total", (("status", "succeeded"),))] == 1
-    assert done[("lomo_job_duration_seconds_count", (("status", "succeeded"),))] == 1
+    succeeded = (("status", "succeeded"),)
+    assert done[("lomo_job_duration_seconds_count", succeeded)] == 1
+    assert done[("lomo_job_duration_seconds_sum", succeeded)] == pytest.approx(1000, abs=0.01)
+    assert done[("lomo_job_duration_seconds_bucket", (("le", "900"), *succeeded))] == 0
+    assert done[("lomo_job_duration_seconds_bucket", (("le", "1800"), *succeeded))] == 1
+    assert done[("lomo_job_duration_seconds_bucket", (("le", "+Inf"), *succeeded))] == 1
+    assert done[("lomo_job_duration_seconds_count", (("status", "failed"),))] == 0
     assert done[("lomo_trained_tokens_total", ())] == 1234
-    assert ("lomo_job_peak_memory_bytes", (("job", job_id), ("kind", "predicted"))) not in done  # ended
+    assert predicted not in done  # ended
 
 
 def test_requests_are_counted_by_route_template_and_metrics_need_an_admin(env):

@@ -16,7 +16,6 @@ from api import errors, metrics, portal
 from api.access import RequestObserver
 from api.routers import admin, cluster, estimates, files, health, jobs, models, webhooks
 from jobs import logs
-from jobs.db import database
 from jobs.settings import Settings, get_settings
 from lomo_core import __version__
 
@@ -65,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "of OpenAI's fine-tuning API; metrics, memory and evals are this service's own.",
     )
     app.state.settings = settings
-    app.state.db = database(settings.resolved_database_url())
+    app.state.db = settings.api_database()
     errors.install(app)
     app.add_middleware(RequestObserver)
 

@@ -7,12 +7,16 @@ sent, so a failed commit is the client's error answer, not a lost write) and rol
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from jobs import logs
@@ -23,17 +27,78 @@ from jobs.settings import Settings
 log = logging.getLogger("lomo.api")
 
 
-def get_settings(request: Request) -> Settings:
+# ``async``: FastAPI runs a plain function dependency in its thread pool, a hop each; these only read state
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.db
 
 
-def get_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
-    with db.session() as session:
+async def get_session(db: Annotated[Database, Depends(get_database)]) -> AsyncIterator[Session]:
+    """The request's session (see the module's docstring). Made on the event loop (a Session connects only
+    when first used); a route of ``SessionRoute`` ends its transaction in its own thread, so what is left
+    here is closing a session that holds no connection. Were one still open (a route of another kind),
+    it is ended in the thread pool."""
+    session = db.sessions()
+    try:
         yield session
+    except BaseException:
+        await _finish(session, False)
+        raise
+    await _finish(session, True)
+
+
+async def _finish(session: Session, commit: bool) -> None:
+    if session.in_transaction():
+        await run_in_threadpool(_end, session, commit)
+    else:
+        session.close()
+
+
+def _end(session: Session, commit: bool, close: bool = True) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    finally:
+        if close:
+            session.close()
+
+
+class SessionRoute(APIRoute):
+    """The routes of this API: a plain-function route commits its request's session (or rolls it back, on
+    an error) in its own thread, before it returns.
+
+    FastAPI runs plain functions in a pool of 40 threads and ends a dependency's session in another trip
+    to that pool; a request that held its database connection while it waited for that trip could, under
+    load, wait forever: every thread waiting for a connection, every connection held by a request waiting
+    for a thread. So no request holds a connection while it waits for a thread: the caller's lookup
+    (``get_caller``) ends its transaction too."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _ending_transactions(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _ending_transactions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(endpoint)  # FastAPI reads the parameters of the function it wraps
+    def call(*args: Any, **kwargs: Any) -> Any:
+        sessions = [value for value in kwargs.values() if isinstance(value, Session)]
+        try:
+            result = endpoint(*args, **kwargs)
+        except BaseException:
+            for session in sessions:
+                _end(session, False, close=False)
+            raise
+        for session in sessions:
+            _end(session, True, close=False)
+        return result
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -81,10 +146,14 @@ SESSION_COOKIE = "lomo_session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def get_caller(request: Request, db: Annotated[Database, Depends(get_database)]) -> Caller:
+def get_caller(request: Request, session: Annotated[Session, Depends(get_session, scope="function")]) -> Caller:
     """The user of the request's API key (``Authorization: Bearer <key>``, as the openai SDK sends it), or
     of the portal session in its cookie (the portal's pages and their scripts); none, or one that
-    authenticates no one, is a 401."""
+    authenticates no one, is a 401.
+
+    It reads in the request's own session (the route's ``SessionDep``) and ends the transaction (keeping
+    the key's noted use whatever the route does): the connection goes back to the pool before the trip to
+    the route's thread (see ``SessionRoute``)."""
     from jobs import users
 
     header = request.headers.get("authorization", "")
@@ -92,21 +161,24 @@ def get_caller(request: Request, db: Annotated[Database, Depends(get_database)])
     if not header:
         token = request.cookies.get(SESSION_COOKIE)
         if token:
-            return session_caller(request, db, token)
+            return session_caller(request, session, token)
         raise Unauthorized("no API key: send it as 'Authorization: Bearer <key>' (the openai SDK's api_key; the "
                            "lomo CLI's --api-key or LOMO_API_KEY)", code="missing_api_key")
     if scheme.lower() != "bearer" or not presented.strip():
         raise Unauthorized("the Authorization header must be 'Bearer <key>'")
-    with db.session() as session:
-        found = users.authenticate(session, presented.strip())
-        if found is None:
-            key_id = users.key_id_of(presented.strip())
-            log.info("refused API key %s", key_id or "(not one of this service's)")
-            raise Unauthorized("the API key is not valid: unknown, revoked, or of a disabled user")
-        user, key = found
-        request.state.key_id, request.state.user = key.id, user.name  # what logs name the caller by
-        logs.note(user=user.name)
-        return Caller(user.id, bool(user.is_admin), key.id)
+    found = users.authenticate(session, presented.strip())
+    if found is None:
+        key_id = users.key_id_of(presented.strip())
+        log.info("refused API key %s", key_id or "(not one of this service's)")
+        raise Unauthorized("the API key is not valid: unknown, revoked, or of a disabled user")
+    return _caller(request, session, *found)
+
+
+def _caller(request: Request, session: Session, user, key) -> Caller:
+    session.commit()
+    request.state.key_id, request.state.user = key.id, user.name  # what logs name the caller by
+    logs.note(user=user.name)
+    return Caller(user.id, bool(user.is_admin), key.id)
 
 
 def same_origin(request: Request) -> bool:
@@ -125,7 +197,7 @@ def same_origin(request: Request) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc in own
 
 
-def session_caller(request: Request, db: Database, token: str) -> Caller:
+def session_caller(request: Request, session: Session, token: str) -> Caller:
     """The user of a portal session (its cookie's token); an ended one is a 401, and a change sent from
     another site is refused (403) before anything is read."""
     from jobs import portal_sessions
@@ -133,14 +205,10 @@ def session_caller(request: Request, db: Database, token: str) -> Caller:
     if request.method not in SAFE_METHODS and not same_origin(request):
         raise Forbidden("a change made with a portal session must come from the portal's own pages "
                         "(this request's Origin is another site); scripts send an API key instead")
-    with db.session() as session:
-        found = portal_sessions.authenticate(session, token)
-        if found is None:
-            raise Unauthorized("the portal session has ended: sign in again", code="session_ended")
-        user, key = found
-        request.state.key_id, request.state.user = key.id, user.name
-        logs.note(user=user.name)
-        return Caller(user.id, bool(user.is_admin), key.id)
+    found = portal_sessions.authenticate(session, token)
+    if found is None:
+        raise Unauthorized("the portal session has ended: sign in again", code="session_ended")
+    return _caller(request, session, *found)
 
 
 def get_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:

@@ -27,10 +27,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-from api.deps import DatabaseDep, get_admin, get_caller
+from api.deps import DatabaseDep, SessionRoute, get_admin, get_caller
 from jobs.metrics import ServiceCollector
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(route_class=SessionRoute, tags=["operations"])
 
 #: the folder of multiprocess mode, when several API processes serve
 MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
@@ -76,7 +76,8 @@ def scraper(request: Request, db: DatabaseDep) -> None:
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     if token and scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode()):
         return
-    get_admin(get_caller(request, db))
+    with db.session() as session:
+        get_admin(get_caller(request, session))
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},

@@ -196,7 +196,6 @@ def serve(
 
     from api.app import bootstrap_admin_key, create_app
     from jobs import logs
-    from jobs.db import database
     from jobs.migrate import upgrade
 
     settings = _settings()
@@ -209,7 +208,7 @@ def serve(
                "check LOMO_DATABASE_URL (or LOMO_DATA_DIR for the default SQLite file)"], code=1)
     if workers > 1:
         # Made here, once, before the processes start: each would otherwise make the first admin key itself.
-        bootstrap_admin_key(settings, database(settings.resolved_database_url()))
+        bootstrap_admin_key(settings, settings.api_database())
         # Each process counts its requests in files of this folder and /metrics sums them (prometheus-client's
         # multiprocess mode); the folder is emptied at each start, as the library requires.
         figures = settings.data_dir / "prometheus"
@@ -1440,7 +1439,6 @@ def _users_session():
     import contextlib
 
     from jobs import errors as service_errors
-    from jobs.db import database
     from jobs.migrate import upgrade
 
     @contextlib.contextmanager
@@ -1450,7 +1448,7 @@ def _users_session():
         if settings.auto_migrate:
             upgrade(url)
         try:
-            with database(url).session() as session:
+            with settings.api_database().session() as session:
                 yield session
         except service_errors.InvalidRequest as e:
             _fail([str(e)])

@@ -16,6 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
 log = logging.getLogger("lomo.db")
+
+#: Postgres connections each process's engine keeps open, and how many more it opens under load (an API
+#: process serves up to 40 requests at once, anyio's thread pool; Postgres allows 100 connections by default).
+#: The settings ``db_pool_size`` / ``db_max_overflow`` default to these.
+DEFAULT_POOL = (10, 20)
 #: the errors among which a database that cannot be reached for now is found (see ``is_unreachable``)
 UNREACHABLE = (OperationalError, InterfaceError)
 #: Postgres: connection exceptions (class 08), the server shutting down or restarting, a session ended for
@@ -39,10 +44,12 @@ def is_unreachable(error: BaseException) -> bool:
     return any(word in text for word in ("locked", "connect", "closed", "terminat", "timeout", "timed out"))
 
 
-def make_engine(url: str, idle_transaction_timeout_s: float | None = None) -> Engine:
+def make_engine(url: str, idle_transaction_timeout_s: float | None = None,
+                pool: tuple[int, int] = DEFAULT_POOL) -> Engine:
     """The engine of ``url``. With ``idle_transaction_timeout_s`` (Postgres), the server ends a session
     whose transaction has waited that long for its client: a worker frozen or cut off in the middle of a
-    write then holds no lock on a job's row, and the job can be recovered."""
+    write then holds no lock on a job's row, and the job can be recovered. ``pool``: the connections
+    kept open and how many more may be opened under load (Postgres; SQLite opens one per thread)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -63,7 +70,7 @@ def make_engine(url: str, idle_transaction_timeout_s: float | None = None) -> En
                                   "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30000}
     if idle_transaction_timeout_s:
         options["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_timeout_s * 1000)}"
-    return create_engine(url, pool_pre_ping=True, connect_args=options)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool[0], max_overflow=pool[1], connect_args=options)
 
 
 @contextmanager
@@ -83,24 +90,26 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 class Database:
     """An engine and its session factory for one URL."""
 
-    def __init__(self, url: str, idle_transaction_timeout_s: float | None = None) -> None:
+    def __init__(self, url: str, idle_transaction_timeout_s: float | None = None,
+                 pool: tuple[int, int] = DEFAULT_POOL) -> None:
         self.url = url
-        self.engine = make_engine(url, idle_transaction_timeout_s)
+        self.engine = make_engine(url, idle_transaction_timeout_s, pool)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self):  # -> context manager of a Session in a transaction
         return session_scope(self.sessions)
 
 
-_databases: dict[tuple[str, int, float | None], Database] = {}
+_databases: dict[tuple[str, int, float | None, tuple[int, int]], Database] = {}
 
 
-def database(url: str, idle_transaction_timeout_s: float | None = None) -> Database:
-    """One Database per URL (and idle-transaction timeout, see ``make_engine``) and process (a forked
-    worker child must not reuse its parent's connections)."""
-    key = (url, os.getpid(), idle_transaction_timeout_s)
+def database(url: str, idle_transaction_timeout_s: float | None = None,
+             pool: tuple[int, int] = DEFAULT_POOL) -> Database:
+    """One Database per URL (and idle-transaction timeout and pool, see ``make_engine``) and process (a
+    forked worker child must not reuse its parent's connections)."""
+    key = (url, os.getpid(), idle_transaction_timeout_s, pool)
     if key not in _databases:
-        _databases[key] = Database(url, idle_transaction_timeout_s)
+        _databases[key] = Database(url, idle_transaction_timeout_s, pool)
     return _databases[key]
 
 

@@ -9,7 +9,7 @@ import hashlib
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs import users
@@ -41,10 +41,11 @@ def authenticate(session: Session, token: str | None) -> tuple[User, ApiKey] | N
     or its user disabled since."""
     if not token or len(token) > 200:
         return None
-    row = session.get(PortalSession, _digest(token))
-    if row is None or row.ended_at is not None or aware(row.expires_at) <= utcnow():
+    found = session.execute(select(PortalSession, ApiKey).join(ApiKey, ApiKey.id == PortalSession.key_id)
+                            .where(PortalSession.id == _digest(token))).first()
+    if found is None or found[0].ended_at is not None or aware(found[0].expires_at) <= utcnow():
         return None
-    return users.key_in_use(session, session.get(ApiKey, row.key_id))
+    return users.key_in_use(session, found[1])
 
 
 def sign_out(session: Session, token: str | None) -> bool:

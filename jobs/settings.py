@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, PositiveFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.db import DEFAULT_POOL
+
 
 class Settings(BaseSettings):
     # an empty variable is an unset one: compose passes ``${LOMO_X:-}`` through as ""
@@ -25,6 +27,10 @@ class Settings(BaseSettings):
     queue: str = "lomo"
     #: folders whose sub-folders are models that jobs may name (``"model": "stories260K"``)
     model_dirs: list[Path] = Field(default_factory=list)
+    #: connections each process keeps open to Postgres, and how many more it may open under load
+    #: (``jobs.db.DEFAULT_POOL``)
+    db_pool_size: int = Field(DEFAULT_POOL[0], ge=1)
+    db_max_overflow: int = Field(DEFAULT_POOL[1], ge=0)
     #: apply database migrations when the API or a worker starts
     auto_migrate: bool = True
 
@@ -122,13 +128,24 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'lomo.db').resolve()}"
 
+    def api_database(self):  # -> jobs.db.Database
+        """The database as the API (and the CLI's own reads) use it."""
+        from jobs.db import database
+
+        return database(self.resolved_database_url(), pool=self.db_pool)
+
     def worker_database(self):  # -> jobs.db.Database
         """The database as a worker uses it: a transaction left waiting for longer than half the heartbeat
         timeout (at least 5 s) by a worker that froze or was cut off mid-write is ended by the server, so
         its lock on a job's row cannot keep the job from being recovered."""
         from jobs.db import database
 
-        return database(self.resolved_database_url(), max(self.heartbeat_timeout_s / 2, 5.0))
+        return database(self.resolved_database_url(), max(self.heartbeat_timeout_s / 2, 5.0), self.db_pool)
+
+    @property
+    def db_pool(self) -> tuple[int, int]:
+        """The connection pool of each process's engine: (kept open, more under load); see ``jobs.db``."""
+        return self.db_pool_size, self.db_max_overflow
 
     def resolved_broker_url(self) -> str:
         if self.broker_url:

@@ -17,27 +17,36 @@ from urllib.parse import quote, urlsplit
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from api.deps import SESSION_COOKIE, Caller, DatabaseDep, SettingsDep, same_origin, session_caller
+from api.deps import (
+    SESSION_COOKIE,
+    Caller,
+    DatabaseDep,
+    SessionDep,
+    SessionRoute,
+    SettingsDep,
+    same_origin,
+    session_caller,
+)
 from api.portal.render import render
 from jobs import portal_sessions
 from jobs.errors import Unauthorized
 
 log = logging.getLogger("lomo.portal")
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=SessionRoute, include_in_schema=False)
 
 
 class SignInRequired(Exception):
     """A page was asked for without a live portal session: the answer is the sign-in page."""
 
 
-def page_caller(request: Request, db: DatabaseDep) -> Caller:
+def page_caller(request: Request, session: SessionDep) -> Caller:
     """The signed-in user of a page's request; without a session (or with one that ended) the browser is
     sent to the sign-in page."""
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         raise SignInRequired
     try:
-        return session_caller(request, db, token)
+        return session_caller(request, session, token)
     except Unauthorized:
         raise SignInRequired from None
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import DatabaseDep, SessionDep, SettingsDep
+from api.deps import DatabaseDep, SessionDep, SessionRoute, SettingsDep
 from api.portal.auth import PageCaller
 from api.portal.render import render
 from api.routers.jobs import wake
@@ -25,7 +25,7 @@ from jobs import admission, catalog, errors, files, idempotency, lifecycle
 from jobs.schemas import AUTO_EPOCHS, BASE_LEARNING_RATE, JobCreate
 from lomo_core.config import TrainConfig
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=SessionRoute, include_in_schema=False)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 
-from api.deps import DatabaseDep, SessionDep, SettingsDep
+from api.deps import DatabaseDep, SessionDep, SessionRoute, SettingsDep
 from api.portal.auth import PageCaller
 from api.portal.render import render, to_datetime
 from api.routers.jobs import send_webhooks, wake
@@ -23,7 +23,7 @@ from jobs import catalog, cluster, errors, files, lifecycle, results, users
 from jobs.models import Job, User
 from jobs.states import JobStatus
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=SessionRoute, include_in_schema=False)
 
 #: what to do about a failed job, by its error code (the message says what happened)
 SUGGESTIONS = {

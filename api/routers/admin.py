@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from api.deps import AdminDep, CallerDep, SessionDep, SettingsDep
+from api.deps import AdminDep, CallerDep, SessionDep, SessionRoute, SettingsDep
 from api.errors import CONFLICT, ERRORS, FORBIDDEN
 from api.schemas import (
     ApiKeyList,
@@ -30,8 +30,8 @@ from jobs.schemas import Label
 from jobs.settings import Settings
 
 log = logging.getLogger("lomo.api")
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
-me = APIRouter(prefix="/v1", tags=["users"])
+router = APIRouter(route_class=SessionRoute, prefix="/v1/admin", tags=["admin"])
+me = APIRouter(route_class=SessionRoute, prefix="/v1", tags=["users"])
 ANSWERS = {**ERRORS, **FORBIDDEN}
 
 QuotaValue = float | Literal["default"] | None

@@ -9,12 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from api.cluster_schemas import ClusterObject
-from api.deps import CallerDep, SessionDep, SettingsDep
+from api.deps import CallerDep, SessionDep, SessionRoute, SettingsDep
 from api.errors import ERRORS
 from api.views import unix
 from jobs.cluster import cluster_view
 
-router = APIRouter(prefix="/v1", tags=["cluster"])
+router = APIRouter(route_class=SessionRoute, prefix="/v1", tags=["cluster"])
 
 #: the longest lease timeline one may ask for: a month
 MAX_HOURS = 24 * 31

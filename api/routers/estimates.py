@@ -6,12 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import CallerDep, SessionDep, SettingsDep
+from api.deps import CallerDep, SessionDep, SessionRoute, SettingsDep
 from api.errors import ERRORS
 from jobs import admission
 from jobs.schemas import JobCreate
 
-router = APIRouter(prefix="/v1/estimates", tags=["estimates"])
+router = APIRouter(route_class=SessionRoute, prefix="/v1/estimates", tags=["estimates"])
 
 
 @router.post("", responses=ERRORS,

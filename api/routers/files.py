@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
+from api.deps import CallerDep, DatabaseDep, SessionDep, SessionRoute, SettingsDep
 from api.errors import CONFLICT, ERRORS, OVER_QUOTA, TOO_LARGE, UNSUPPORTED, error_response
 from api.schemas import FileDeleted, FileList, FileObject
 from api.views import file_object
@@ -33,7 +33,7 @@ from jobs.errors import InvalidRequest, NotFound, Problem, UnsupportedMediaType
 from jobs.schemas import FilePurpose
 from jobs.settings import Settings
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(route_class=SessionRoute, prefix="/v1/files", tags=["files"])
 
 #: the Idempotency-Key route name of an upload
 ROUTE = "files.create"

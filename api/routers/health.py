@@ -10,12 +10,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import DatabaseDep, SessionDep, SettingsDep
+from api.deps import DatabaseDep, SessionDep, SessionRoute, SettingsDep
 from jobs import readiness
 from jobs.db import ping
 from lomo_core import __version__
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=SessionRoute, tags=["health"])
 
 
 @router.get("/health")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import CallerDep, DatabaseDep, SessionDep, SettingsDep
+from api.deps import CallerDep, DatabaseDep, SessionDep, SessionRoute, SettingsDep
 from api.errors import CONFLICT, ERRORS, OVER_QUOTA
 from api.schemas import CheckpointList, EvalList, EventList, JobList, JobObject, MemoryObject, MetricList
 from api.views import (
@@ -28,7 +28,7 @@ from jobs.schemas import JobCreate
 from jobs.states import JobStatus
 
 log = logging.getLogger("lomo.api")
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
+router = APIRouter(route_class=SessionRoute, prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
 
 @router.post("", response_model=JobObject, responses={**ERRORS, **OVER_QUOTA},

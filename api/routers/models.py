@@ -13,14 +13,14 @@ from typing import Any
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from api.deps import CallerDep, SessionDep, SettingsDep
+from api.deps import CallerDep, SessionDep, SessionRoute, SettingsDep
 from api.errors import CONFLICT, ERRORS, FORBIDDEN, error_response
 from api.schemas import ModelDeleted, ModelList, ModelObject
 from api.views import unix
 from jobs import catalog
 from jobs.errors import InvalidRequest, NotFound, Problem
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(route_class=SessionRoute, prefix="/v1/models", tags=["models"])
 CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE

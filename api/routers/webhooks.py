@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CallerDep, SessionDep, SettingsDep
+from api.deps import CallerDep, SessionDep, SessionRoute, SettingsDep
 from api.errors import ERRORS
 from api.schemas import (
     WebhookDeliveryList,
@@ -26,7 +26,7 @@ from jobs import webhooks
 from jobs.models import WebhookDelivery, WebhookEndpoint, new_id, utcnow
 from jobs.schemas import Label
 
-router = APIRouter(prefix="/v1/webhook_endpoints", tags=["webhooks"])
+router = APIRouter(route_class=SessionRoute, prefix="/v1/webhook_endpoints", tags=["webhooks"])
 EVENTS = ", ".join(webhooks.EVENT_TYPES)
 
 

@@ -1,14 +1,15 @@
 """How much load the API holds: a short asyncio script (httpx), not locust, against real `lomo serve` processes
 on Postgres and Redis (127.0.0.1, as in the tests), with no worker, so the jobs stay queued.
 
-For each API process count of ``--processes`` (default 1 and 2), on a fresh database: ``--jobs`` jobs
-(default 1,000) are queued through the API, then for ``--seconds`` (60) ``--pollers`` clients (50) read in a
-loop, each a random queued job, its events or its metrics (3 : 2 : 1), while ``--submitters`` (10) create
-jobs and one Prometheus scrapes ``/metrics`` every 15 s. Each client has its own connection (keep-alive),
-as a polling script or a browser tab does; with ``--interval S`` each sends one request every S seconds.
-Reported per route: requests, throughput, p50 / p95 / p99 latency (client side, to the end of the
-body) and errors (anything but a 2xx, or no answer). The load generator runs on the same machine as the
-API, so on 2 cores the figures are what both together leave.
+For each API process count of ``--processes`` (default 1 and 2), on a fresh database: ``--jobs`` jobs (default
+1,000) are queued through the API, then for ``--seconds`` (60) ``--pollers`` clients (50) read in a loop, each
+a random queued job, its events or its metrics (3 : 2 : 1), while ``--submitters`` (10) create jobs and one
+Prometheus scrapes ``/metrics`` every 15 s. Each client has its own connection (keep-alive), as a polling
+script or a browser tab does; with ``--interval S`` each sends one request every S seconds on its own timer,
+from a random phase (``Pace``). The first ``--warmup`` seconds (5), while the clients connect, are load but
+not counted in the latencies (their errors are). Reported per route: requests, throughput, p50 / p95 / p99
+latency (client side, to the end of the body) and errors (anything but a 2xx, or no answer). The load
+generator runs on the same machine as the API, so on 2 cores the figures are what both together leave.
 
     .venv/bin/python benchmarks/bench_load.py --out docs/benchmarks-load.md
     .venv/bin/python benchmarks/bench_load.py --processes 1 --seconds 10 --jobs 100   # a quick look
@@ -90,13 +91,17 @@ def stop_api(server: subprocess.Popen, env: dict[str, str], database_url: str) -
 
 
 class Record:
-    def __init__(self) -> None:
+    """Each route's latencies from ``counted_from`` (time.monotonic) on, and its errors from the start."""
+
+    def __init__(self, counted_from: float = 0.0) -> None:
+        self.counted_from = counted_from
         self.latency: dict[str, list[float]] = {}
         self.errors: dict[str, int] = {}
         self.examples: dict[str, str] = {}
 
     def note(self, route: str, seconds: float, ok: bool, what: str = "") -> None:
-        self.latency.setdefault(route, []).append(seconds)
+        if time.monotonic() - seconds >= self.counted_from:  # sent after the warm-up
+            self.latency.setdefault(route, []).append(seconds)
         if not ok:
             self.errors[route] = self.errors.get(route, 0) + 1
             self.examples.setdefault(route, what[:200])
@@ -130,19 +135,44 @@ async def queue_jobs(url: str, key: str, file_id: str, count: int) -> list[str]:
     return ids
 
 
+class Pace:
+    """When a paced client sends: every ``interval`` seconds on its own schedule, from a random phase, as
+    independent pollers do (a timer, not "a second after the last answer": after a slow answer or a
+    stall of the load generator the clients would otherwise all send together from then on, and the
+    benchmark would measure the bursts it made). A slot missed while waiting for an answer is skipped,
+    not sent late in a burst. Without an interval: at once (the most load the clients can make)."""
+
+    def __init__(self, interval: float, chooser: random.Random) -> None:
+        self.interval = interval
+        self.start = time.monotonic() + chooser.uniform(0, interval)
+        self.slot = 0
+
+    async def next(self) -> float:
+        now = time.monotonic()
+        if not self.interval:
+            return now
+        due = self.start + self.slot * self.interval
+        if due < now:  # behind: the next slot still to come
+            self.slot = int((now - self.start) // self.interval) + 1
+            due = self.start + self.slot * self.interval
+        self.slot += 1
+        await asyncio.sleep(due - now)
+        return due
+
+
 async def load(url: str, key: str, file_id: str, ids: list[str], pollers: int, submitters: int,
-               seconds: float, interval: float = 0.0) -> tuple[Record, float]:
-    record = Record()
-    stop_at = time.monotonic() + seconds
+               seconds: float, interval: float = 0.0, warmup: float = 0.0) -> tuple[Record, float]:
+    """``seconds`` of load, after ``warmup`` seconds whose latencies are not counted (its errors are)."""
+    record = Record(time.monotonic() + warmup)
+    stop_at = record.counted_from + seconds
     auth = {"Authorization": f"Bearer {key}"}
     scrape = {"Authorization": f"Bearer {TOKEN}"}
 
     async def poll(seed: int) -> None:
         chooser = random.Random(seed)
+        pace = Pace(interval, chooser)
         async with httpx.AsyncClient(base_url=url, headers=auth, timeout=30) as c:
-            await asyncio.sleep(chooser.uniform(0, interval))  # paced clients do not start in step
-            while time.monotonic() < stop_at:
-                began = time.monotonic()
+            while await pace.next() < stop_at:
                 job = chooser.choice(ids)
                 kind = chooser.choices(("job", "events", "metrics"), weights=(3, 2, 1))[0]
                 if kind == "job":
@@ -153,18 +183,14 @@ async def load(url: str, key: str, file_id: str, ids: list[str], pollers: int, s
                 else:
                     await timed(record, "GET /v1/fine_tuning/jobs/{id}/metrics",
                                 c.get(f"/v1/fine_tuning/jobs/{job}/metrics"))
-                if interval:  # a polling client: one request every `interval` seconds
-                    await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
 
-    async def submit() -> None:
+    async def submit(seed: int) -> None:
+        pace = Pace(interval, random.Random(seed))
         async with httpx.AsyncClient(base_url=url, headers=auth, timeout=60) as c:
-            while time.monotonic() < stop_at:
-                began = time.monotonic()
+            while await pace.next() < stop_at:
                 await timed(record, "POST /v1/fine_tuning/jobs",
                             c.post("/v1/fine_tuning/jobs", json={"model": STORIES.name, "training_file": file_id,
                                                                  **BODY}))
-                if interval:
-                    await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
 
     async def prometheus() -> None:  # one scraper, as Prometheus does (every 15 s)
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
@@ -173,9 +199,9 @@ async def load(url: str, key: str, file_id: str, ids: list[str], pollers: int, s
                 await timed(record, "GET /metrics", c.get("/metrics", headers=scrape))
                 await asyncio.sleep(max(0.0, 15.0 - (time.monotonic() - began)))
 
-    started = time.monotonic()
-    await asyncio.gather(*(poll(n) for n in range(pollers)), *(submit() for _ in range(submitters)), prometheus())
-    return record, time.monotonic() - started
+    await asyncio.gather(*(poll(n) for n in range(pollers)), *(submit(10_000 + n) for n in range(submitters)),
+                         prometheus())
+    return record, time.monotonic() - record.counted_from
 
 
 def percentile(values: list[float], q: int) -> float:
@@ -208,6 +234,8 @@ def main() -> int:
     parser.add_argument("--pollers", type=int, default=50)
     parser.add_argument("--submitters", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=5.0,
+                        help="seconds of load before the measured ones, while the clients connect (errors count)")
     parser.add_argument("--interval", type=float, default=0.0,
                         help="seconds between one client's requests (0: each sends the next as soon as it has an "
                              "answer, the most load the clients can make)")
@@ -221,8 +249,9 @@ def main() -> int:
            f"`benchmarks/bench_load.py` at commit {commit}, on {os.cpu_count()} CPU cores (the load generator on the "
            f"same machine): Postgres + Redis, {args.pollers} clients polling (a job 3 : its events 2 : its metrics 1), "
            f"one scraping /metrics every 15 s "
-           f"and {args.submitters} submitting, for {args.seconds:.0f} s, over {args.jobs} queued jobs; "
-           + (f"each client sends a request every {args.interval:g} s." if args.interval else
+           f"and {args.submitters} submitting, for {args.seconds:.0f} s after {args.warmup:g} s of warm-up, over "
+           f"{args.jobs} queued jobs; "
+           + (f"each client sends a request every {args.interval:g} s on its own timer." if args.interval else
               "each client sends its next request as soon as it has an answer (the most load they can make)."), ""]
     for processes in (int(p) for p in args.processes.split(",")):
         with tempfile.TemporaryDirectory(prefix="lomo-load-") as folder:
@@ -237,7 +266,7 @@ def main() -> int:
                 print(f"{processes} process(es): {len(ids)} jobs queued in {time.monotonic() - started:.0f} s",
                       file=sys.stderr)
                 record, elapsed = asyncio.run(load(url, key, file_id, ids, args.pollers, args.submitters,
-                                                   args.seconds, args.interval))
+                                                   args.seconds, args.interval, args.warmup))
                 out += report(processes, record, elapsed, len(ids))
             except Exception:
                 print((Path(folder) / "serve.log").read_text()[-6000:], file=sys.stderr)

@@ -145,8 +145,11 @@ class Job(Base):
     #: higher runs first; first come, first served within a priority
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: jobs behind this one in the queue that started while it waited for GPUs (backfill); at
-    #: ``LOMO_BACKFILL_LIMIT`` nothing behind it starts any more on its node
+    #: ``LOMO_BACKFILL_LIMIT`` nothing behind it starts any more on the node it is held on
     bypassed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: the node whose GPUs are held for this job once it reached the limit (the first whose worker held
+    #: them); other live nodes go on backfilling (``jobs.scheduler``)
+    held_on: Mapped[str | None] = mapped_column(String(200))
     #: evaluations asked for: [{task, file (an uploaded file id), limit, num_fewshot, fewshot_file}]
     evals: Mapped[list[Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

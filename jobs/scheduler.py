@@ -6,8 +6,12 @@ with the number of its node's GPUs that are free:
 - the first job that fits the free GPUs starts;
 - a job that needs more GPUs than are free waits. Jobs behind it may still start on the free GPUs
   (*backfill*: a 1-GPU job need not wait behind an 8-GPU job while 3 GPUs idle), but each time one
-  does, the waiting job's ``bypassed`` count grows. At ``backfill_limit`` nothing behind it starts on
-  this node any more: the GPUs are held for it as running jobs end, so it cannot starve;
+  does, the waiting job's ``bypassed`` count grows. At ``backfill_limit`` nothing behind it starts any more
+  on the node that holds for it: the GPUs are held for it as running jobs end, so it cannot starve. One
+  node holds (``held_on``: the first whose worker reached that decision), not every node where it fits:
+  the others go on backfilling (were they all to drain for it, all but one would have idled in vain; the
+  simulation of ``benchmarks/bench_scheduler.py`` measured most held GPU-hours on nodes it never started
+  on). A node that is no longer seen (``heartbeat_timeout_s``) holds for nothing: another takes over;
 - a job that needs more GPUs than this node has, or whose predicted peak per GPU is larger than this
   node's GPUs (nodes of different cards), is left to other nodes, and does not block this one.
 
@@ -32,17 +36,17 @@ no job starts twice, no device is leased twice, and a job is never left claimed 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import leases, lifecycle, quotas
 from jobs.db import Database, session_scope
 from jobs.events import add_event
-from jobs.models import GpuLease, Job, JobEvent, User, aware, utcnow
+from jobs.models import GpuLease, Job, JobEvent, Node, User, aware, utcnow
 from jobs.settings import Settings
 from jobs.states import JobStatus, transition_values
 
@@ -59,6 +63,7 @@ class Waiting:
     need_bytes: int | None = None  # predicted peak per GPU, when the memory model gave one
     priority: int = 0
     owner: str | None = None
+    held_on: str | None = None  # the node that holds its GPUs for it (at the backfill limit), if a live one
 
 
 @dataclass(frozen=True)
@@ -88,18 +93,23 @@ def fits_node(job: Waiting, node_size: int | None, device_bytes: int | None = No
 
 
 def choose(queue: list[Waiting], free: int | None, node_size: int | None, backfill_limit: int,
-           device_bytes: int | None = None, reserved: frozenset[str] = frozenset()) -> Choice:
+           device_bytes: int | None = None, reserved: frozenset[str] = frozenset(),
+           node: str | None = None) -> Choice:
     """The job to start from ``queue`` (in queue order) with ``free`` GPUs (None: a CPU node, where
-    the first job starts), on a node of ``node_size`` GPUs of ``device_bytes`` each (the smallest).
+    the first job starts), on ``node`` of ``node_size`` GPUs of ``device_bytes`` each (the smallest).
     The GPUs are held for a job of ``reserved`` (running jobs are being preempted for it) as for one
-    at the backfill limit."""
+    at the backfill limit, unless another node holds for that one (``Waiting.held_on``)."""
     skipped: list[str] = []
     for job in queue:
         if not fits_node(job, node_size, device_bytes):
             continue  # never fits here (too few GPUs, or GPUs smaller than its predicted peak): another node's job
         if free is None or job.need <= free:
             return Choice(job.id, skipped)
-        if job.bypassed >= backfill_limit or job.id in reserved:
+        if job.id in reserved:
+            return Choice(None, skipped, held_for=job.id)
+        if job.bypassed >= backfill_limit:
+            if job.held_on is not None and job.held_on != node:
+                continue  # another node drains for it; its count is at the limit already, and stays there
             return Choice(None, skipped, held_for=job.id)
         skipped.append(job.id)
     return Choice(None, skipped)
@@ -137,12 +147,20 @@ class _Lost(Exception):
     """Another worker claimed the job first: choose again."""
 
 
-def queue_snapshot(session: Session) -> list[Waiting]:
-    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed, Job.predicted_memory, Job.priority, Job.owner_id)
+def queue_snapshot(session: Session, live_after: datetime | None = None) -> list[Waiting]:
+    """The queued jobs in queue order. A job's ``held_on`` counts only while that node was seen after
+    ``live_after`` (when given)."""
+    rows = session.execute(select(Job.id, Job.gpus, Job.bypassed, Job.predicted_memory, Job.priority, Job.owner_id,
+                                  Job.held_on)
                            .where(Job.status == JobStatus.QUEUED.value)
                            .order_by(Job.priority.desc(), Job.created_at, Job.id))
-    return [Waiting(id, need or 1, bypassed or 0, _predicted_peak(predicted), priority or 0, owner)
-            for id, need, bypassed, predicted, priority, owner in rows]
+    queue = [Waiting(id, need or 1, bypassed or 0, _predicted_peak(predicted), priority or 0, owner, held_on)
+             for id, need, bypassed, predicted, priority, owner, held_on in rows]
+    holding = {job.held_on for job in queue if job.held_on}
+    if holding and live_after is not None:
+        live = set(session.scalars(select(Node.name).where(Node.name.in_(holding), Node.seen_at >= live_after)))
+        queue = [job if job.held_on in live or job.held_on is None else replace(job, held_on=None) for job in queue]
+    return queue
 
 
 def _over_running_quota(session: Session, queue: list[Waiting], settings: Settings | None) -> list[Waiting]:
@@ -193,17 +211,19 @@ def _predicted_peak(predicted: dict | None) -> int | None:
 
 def start_next(db: Database, node: str, node_size: int | None, worker: str, backfill_limit: int,
                attempts: int = 50, device_bytes: int | None = None,
-               preempt_min_run_s: float | None = None, quota_settings: Settings | None = None) -> Started | None:
+               preempt_min_run_s: float | None = None, quota_settings: Settings | None = None,
+               heartbeat_timeout_s: float = 60.0) -> Started | None:
     """Claim the next job this node can start and lease its GPUs, or None when no queued job can start
     here now. ``node_size`` is the node's GPU count (None on a CPU node), ``device_bytes`` the memory of
     its smallest GPU. With ``preempt_min_run_s`` (preemption on), a waiting job that running jobs of
     lower priority block has them paused for it (see the module's docstring). With ``quota_settings``,
-    the jobs of users at their running-jobs quota wait (``jobs.quotas``)."""
+    the jobs of users at their running-jobs quota wait (``jobs.quotas``). A node not seen for
+    ``heartbeat_timeout_s`` holds GPUs for no job (see ``Waiting.held_on``)."""
     for _ in range(attempts):
         try:
             with session_scope(db.sessions) as session:
                 return _start_next(session, node, node_size, worker, backfill_limit, device_bytes,
-                                   preempt_min_run_s, quota_settings)
+                                   preempt_min_run_s, quota_settings, heartbeat_timeout_s)
         except (_Lost, IntegrityError):
             continue  # another worker changed the queue or the leases between our read and our write
         except OperationalError as e:
@@ -217,13 +237,25 @@ def start_next(db: Database, node: str, node_size: int | None, worker: str, back
 
 def _start_next(session: Session, node: str, node_size: int | None, worker: str,
                 backfill_limit: int, device_bytes: int | None = None,
-                preempt_min_run_s: float | None = None, quota_settings: Settings | None = None) -> Started | None:
+                preempt_min_run_s: float | None = None, quota_settings: Settings | None = None,
+                heartbeat_timeout_s: float = 60.0) -> Started | None:
     taken = leases.leased_devices(session, node) if node_size is not None else {}
     free = [i for i in range(node_size) if i not in taken] if node_size is not None else None
-    queue = _over_running_quota(session, queue_snapshot(session), quota_settings)
+    live_after = utcnow() - timedelta(seconds=heartbeat_timeout_s)
+    queue = _over_running_quota(session, queue_snapshot(session, live_after), quota_settings)
     reserved = preemptions_under_way(session, node)
     choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit, device_bytes,
-                    reserved)
+                    reserved, node)
+    if choice.held_for is not None and choice.held_for not in reserved:
+        held = next(job for job in queue if job.id == choice.held_for)
+        if held.held_on != node:  # this node holds for it from now on (conditional: one node wins)
+            live = select(Node.name).where(Node.seen_at >= live_after)
+            taken = session.execute(update(Job).where(
+                Job.id == held.id, Job.status == JobStatus.QUEUED.value,
+                or_(Job.held_on.is_(None), Job.held_on == node, Job.held_on.not_in(live)),
+            ).values(held_on=node)).rowcount
+            if taken != 1:
+                raise _Lost()
     if choice.job_id is None and free is not None and preempt_min_run_s is not None:
         _preempt_for(session, node, queue, len(free), node_size, device_bytes, reserved, preempt_min_run_s)
     for job_id in choice.skipped[:1] + ([choice.held_for] if choice.held_for else []):

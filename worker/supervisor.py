@@ -80,7 +80,8 @@ class JobRunner:
                                            device_bytes=device_bytes if kind == "cuda" else None,
                                            preempt_min_run_s=(self.settings.preempt_min_run_s
                                                               if self.settings.preempt else None),
-                                           quota_settings=self.settings)
+                                           quota_settings=self.settings,
+                                           heartbeat_timeout_s=self.settings.heartbeat_timeout_s)
         except Exception:  # the database failed us: keep the wake-up alive, and let Celery log the error
             if poll:
                 self._send(job_id, countdown=max(self.settings.requeue_delay_s, 1.0), poll=True)

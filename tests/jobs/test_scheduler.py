@@ -11,10 +11,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from jobs import leases, scheduler
+from jobs import leases, nodes, scheduler
 from jobs.db import database
 from jobs.migrate import upgrade
-from jobs.models import GpuLease, Job, JobEvent
+from jobs.models import GpuLease, Job, JobEvent, Node
 from jobs.scheduler import Running, Waiting, choose, preemption_victims
 from jobs.states import JobStatus
 from tests.conftest import seed_jobs
@@ -39,6 +39,15 @@ def test_at_the_backfill_limit_the_free_gpus_are_held_for_the_waiting_job():
     assert choose(queue, free=8, node_size=8, backfill_limit=4).job_id == "big"
     # strict order: no backfill at all
     assert choose([Waiting("big", 8), Waiting("small", 1)], free=2, node_size=8, backfill_limit=0).job_id is None
+
+
+def test_a_job_at_the_limit_held_on_another_node_lets_this_one_backfill():
+    queue = [Waiting("big", 4, bypassed=1, held_on="node-b"), Waiting("small", 1)]
+    assert choose(queue, free=2, node_size=4, backfill_limit=1, node="node-a").job_id == "small"
+    held = choose(queue, free=2, node_size=4, backfill_limit=1, node="node-b")
+    assert held.job_id is None and held.held_for == "big"
+    unheld = [Waiting("big", 4, bypassed=1), Waiting("small", 1)]  # no node holds yet: this one does
+    assert choose(unheld, free=2, node_size=4, backfill_limit=1, node="node-a").held_for == "big"
 
 
 def test_a_job_larger_than_the_node_is_left_to_larger_nodes():
@@ -200,6 +209,40 @@ def test_a_waiting_job_says_so_once_and_a_backfilled_one_says_ahead_of_what(data
     assert any(m.startswith("started ahead of " + big) for m in ahead)
     with db.session() as s:
         assert s.get(Job, other).status == JobStatus.QUEUED.value  # behind big, it waits its turn
+
+
+def test_one_node_holds_for_a_job_at_the_limit_the_others_backfill_and_a_lost_one_is_replaced(database_url):
+    upgrade(database_url)
+    db = database(database_url)
+    big, *small = queue_jobs(db, [(4, 0), (1, 0), (1, 0), (1, 0)])
+    with db.session() as s:
+        for name in ("node-a", "node-b"):
+            nodes.register_node(s, name, [24.0] * 4)
+        for name in ("a1", "b1"):  # 2 of each node's 4 GPUs are busy
+            s.add(Job(id=name, owner_id="ann", model="m", training_file_id="f", method="lomo",
+                      status=JobStatus.RUNNING.value, gpus=2))
+    with db.session() as s:
+        s.add_all([GpuLease(node=f"node-{n[0]}", device_index=i, job_id=n) for n in ("a1", "b1") for i in (0, 1)])
+    first = scheduler.start_next(db, "node-a", 4, "wa", 1)
+    assert first.job_id == small[0] and first.ahead_of == [big]  # big's count reaches the limit (1)
+    assert scheduler.start_next(db, "node-b", 4, "wb", 1) is None  # node-b holds its GPUs for big
+    with db.session() as s:
+        assert s.get(Job, big).held_on == "node-b"
+    # node-a goes on backfilling (before, every node where big fits drained for it)
+    assert scheduler.start_next(db, "node-a", 4, "wa", 1).job_id == small[1]
+    assert scheduler.start_next(db, "node-b", 4, "wb", 1) is None
+    with db.session() as s:  # node-b is lost: node-a, the next to decide, holds for big instead
+        s.get(Node, "node-b").seen_at = datetime.now(timezone.utc) - timedelta(minutes=5)
+    finish(db, small[0])
+    assert scheduler.start_next(db, "node-a", 4, "wa", 1) is None  # 1 GPU free, and small[2] does not take it
+    with db.session() as s:
+        assert s.get(Job, big).held_on == "node-a"
+    finish(db, "a1")
+    finish(db, small[1])
+    started = scheduler.start_next(db, "node-a", 4, "wa", 1)
+    assert started.job_id == big and started.devices == [0, 1, 2, 3]
+    with db.session() as s:
+        assert s.get(Job, small[2]).status == JobStatus.QUEUED.value
 
 
 def test_a_waiting_job_of_higher_priority_preempts_once_and_the_preempted_one_requeues(database_url):

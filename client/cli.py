@@ -74,6 +74,13 @@ def train(
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
     nproc: int | None = typer.Option(None, help="ranks (GPUs, or CPU processes) sharing the model with ZeRO-3"),
+    nnodes: int = typer.Option(1, min=1, help="nodes the --nproc ranks span (as many on each); run this command on "
+                               "every node, with its --node-rank, the same output folder (shared storage) and "
+                               "node 0's --master-addr"),
+    node_rank: int = typer.Option(0, min=0, help="this node's rank, 0 to --nnodes - 1 (0: the launcher)"),
+    master_addr: str = typer.Option("127.0.0.1", help="the address of node 0 the other nodes reach"),
+    master_port: int = typer.Option(29500, min=1, max=65535, help="the port on node 0 the nodes meet at"),
+    rendezvous_timeout: int = typer.Option(300, min=1, help="seconds the nodes wait for each other"),
     resume_from: Path | None = typer.Option(None, help="checkpoint folder, or 'latest' in the output folder"),
     config: Path | None = typer.Option(None, help="JSON file of settings; options given here override it"),
 ) -> None:
@@ -106,13 +113,23 @@ def train(
         cfg = load_config(values)
     except ConfigError as e:
         _fail(["invalid training configuration", *e.problems])
+    if node_rank >= nnodes:
+        _fail([f"node-rank: {node_rank} is not one of the {nnodes} node(s) (0 to {nnodes - 1})"])
+    if nnodes > 1 and cfg.nproc % nnodes:
+        _fail([f"nnodes: {cfg.nproc} ranks (--nproc) cannot be spread evenly over {nnodes} nodes"])
     if cfg.nproc > 1:
-        from lomo_core.zero3.launch import LaunchError, launch
+        from lomo_core.zero3.launch import LaunchError, Nodes, launch
 
         try:
-            summary = launch(cfg, progress=True)
+            nodes = Nodes(nnodes, node_rank, cfg.nproc // nnodes, master_addr, master_port,
+                          rendezvous_timeout_s=rendezvous_timeout) if nnodes > 1 else None
+            summary = launch(cfg, progress=node_rank == 0, nodes=nodes)
         except LaunchError as e:
             _fail([f"training stopped: {e}"], code=1)
+        if summary.get("joined"):
+            out.print(f"node {node_rank} of {nnodes}: its {cfg.nproc // nnodes} rank(s) trained with node 0's; "
+                      f"output: {cfg.output_dir}")
+            return
         out.print(f"trained {summary['steps']} steps on {cfg.nproc} ranks, {summary['trained_tokens']} tokens in "
                   f"{summary['seconds']:.1f}s" + (f", validation loss {summary['val_loss']:.4f}"
                                                   if summary["val_loss"] is not None else ""))

@@ -163,3 +163,36 @@ def test_a_rank_that_dies_fails_the_launch_fast(tmp_path):
     assert launcher.returncode == 1
     assert time.monotonic() - killed_at < 60  # no rank waits for the dead one
     assert "rank 1 was killed by signal 9" in " ".join(stderr.split())
+
+
+def test_two_nodes_started_by_hand_train_like_one_process(runs, tmp_path):
+    """`lomo train --nnodes 2 --node-rank R` on each "node" (two processes here, one rank each, gloo on
+    127.0.0.1), the output folder shared: the weights of one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "nodes"
+    cmd = [sys.executable, "-m", "client.cli", "train", "--model", str(need_shared(STORIES)), "--data",
+           str(need_shared(INSTRUCT)), "-o", str(out), *COMMON, "--nproc", "2", "--max-steps", "6", "--nnodes", "2",
+           "--master-addr", "127.0.0.1", "--master-port", port, "--rendezvous-timeout", "120"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([*cmd, "--node-rank", str(rank)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    answers = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [a[1][-3000:] for a in answers]
+    assert "trained 6 steps on 2 ranks" in answers[0][0] and "node 1 of 2" in answers[1][0]
+    two, one = weights(out / "model"), weights(runs["one_process"] / "model")
+    for name in one:
+        assert torch.allclose(two[name], one[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--nproc", "3", "--nnodes", "2"], "nnodes: 3 ranks (--nproc) cannot be spread evenly over 2 nodes"),
+    (["--nproc", "2", "--nnodes", "2", "--node-rank", "2"], "node-rank: 2 is not one of the 2 node(s)"),
+])
+def test_a_placement_that_cannot_be_is_refused_with_the_option_named(tmp_path, args, says):
+    result = lomo_train(tmp_path / "bad", *args, "--max-steps", "1")
+    assert result.returncode == 2 and says in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,13 +11,19 @@ Not in CI. Three parts, one Markdown report (``--out``):
 2. **Simulation.** A discrete-event simulation of N nodes x 8 GPUs. At every event (an arrival, a job's
    end, a preempted job's checkpoint done, a running job passing the preemption's minimum run time) each
    node's worker decides as ``jobs.scheduler._start_next`` does: the real ``choose`` over the queue in its
-   real order (priority, then first come), with the real ``bypassed`` counts, ``backfill_limit`` and the
-   GPUs held for a job being preempted for; with preemption on, the real ``preemption_victims`` with
-   ``preempt_min_run_s``, one preemption at a time per waiting job, the preempted job checkpointing,
-   freeing its GPUs and going back to its place in the queue. A job's GPUs are all on one node. Against
-   strict FIFO (``backfill_limit`` 0: the head of the queue starts before anything behind it) and one job at
-   a time per node (LLaMA-Factory's board). Reported: GPU utilisation, p50 / p95 wait by job size,
-   makespan, preemptions, backfills, GPUs left idle while jobs waited.
+   real order (priority, then first come), with the real ``bypassed`` counts, ``backfill_limit``, the GPUs
+   held for a job being preempted for, and each job's ``held_on`` (the node that holds GPUs for it once
+   it is at the limit: ``choose`` is told the deciding node, lets it backfill past a job held on another
+   one, and a ``held_for`` answer that is not a preemption's target makes the deciding node the job's
+   ``held_on`` where it was none or this node; no node is ever lost here, so it never passes to
+   another); with preemption on, the real ``preemption_victims`` with ``preempt_min_run_s``, one
+   preemption at a time per waiting job, the preempted job checkpointing, freeing its GPUs and going back
+   to its place in the queue. A job's GPUs are all on one node. Against ``backfill_limit`` 0 ("strict
+   FIFO": on one node the head of the queue starts before anything behind it; on several, each node
+   holds for the first job that no other node holds for) and one job at a time per node (LLaMA-Factory's
+   board). Reported: GPU utilisation, p50 / p95 wait by job size, makespan, preemptions, backfills, GPUs
+   left idle while jobs waited, against the previous report's figures (``PREVIOUS``: the rule before
+   commit adc7e3f, where every node where a job at the limit fits held for it).
 3. **Decision time.** ``choose`` alone, and the real database path ``jobs.scheduler.start_next`` (choose,
    claim and lease in one transaction) on a Postgres database of its own (``lomo_bench_sched``, created and
    dropped here) holding 100 / 1,000 / 10,000 queued jobs, with quotas off and on: median and p99 against
@@ -191,11 +197,33 @@ POLICIES = (
     Policy("backfill unbounded", "rule", backfill_limit=UNBOUNDED,
            note="the real rule with no backfill limit: what the limit protects against"),
     Policy("strict FIFO", "rule", backfill_limit=0,
-           note="backfill_limit 0: the head of the queue starts before anything behind it"),
+           note="backfill_limit 0: on one node the head of the queue starts before anything behind it; on "
+                "several, each node starts (or holds its GPUs for) the first job that no other node holds for"),
     Policy("one job per node", "one", note="a node runs one job at a time, whatever its size (LLaMA-Factory's "
                                            "board); the first job of the queue starts when the node is idle"),
 )
 
+#: the previous report's figures (docs/benchmarks-scheduler.md as of commit 431641d: the default run, before
+#: commit adc7e3f gave each job at the backfill limit one holding node, ``held_on``), to say what changed
+PREVIOUS_REV = "431641d"
+PREVIOUS_ARGS = {"seeds": 8, "jobs": 10_000, "nodes": 8, "load": 0.9}  # the run they are comparable with
+#: policy: (1 node: utilisation, all p95 wait h; 8 nodes: utilisation, all p95 wait h, GPU-h held idle for a
+#: job; 8 nodes at 70% load: all p95, 7B p95, 65B p95 wait h)
+PREVIOUS = {
+    "lomo (defaults)": (0.731, 58.9, 0.832, 63.9, 10654, 6.9, 6.6, 9.1),
+    "lomo + preemption": (0.715, 71.9, 0.837, 78.3, 10617, 8.1, 7.9, 10.4),
+    "backfill unbounded": (0.786, 22.3, 0.867, 7.9, 0, 1.5, 5 / 60, 12.5),
+    "strict FIFO": (0.726, 62.3, 0.816, 87.0, 12508, 8.1, 8.0, 9.8),
+    "one job per node": (0.373, 253.6, 0.353, 1579.4, 0, None, None, None),
+}
+#: 8 nodes, defaults: GPU-h held idle on nodes other than the one the job then started on, of the GPU-h held,
+#: the most nodes that held for one job at once, and the GPU-h held of the GPU-h used
+PREVIOUS_HELD = (9167, 10654, 8, 0.169)
+#: 8 nodes, with preemption: preemptions, victims whose job then started on another node, victims paused
+#: while another node had the GPUs free
+PREVIOUS_PREEMPT = (1219, 710, 594)
+#: 8 nodes at 90% load: 65B p95 wait (h), unbounded backfill and defaults
+PREVIOUS_65B = (45.3, 65.4)
 
 # ------------------------------------------------------------------------------------------ the simulator
 @dataclass
@@ -209,6 +237,7 @@ class SimJob:
     end: float | None = None
     token: int = 0  # invalidates the end event of a run that was preempted
     bypassed: int = 0  # as the jobs.bypassed column: never reset
+    held_on: str | None = None  # as the jobs.held_on column: the node that holds for it; never reset
     preempted_by: str | None = None
     preemptions: int = 0
 
@@ -217,7 +246,8 @@ class SimJob:
         return (-self.spec.priority, self.spec.arrival, self.spec.id)
 
     def waiting(self) -> Waiting:
-        return Waiting(self.spec.id, self.spec.gpus, self.bypassed, self.spec.peak_bytes, self.spec.priority)
+        return Waiting(self.spec.id, self.spec.gpus, self.bypassed, self.spec.peak_bytes, self.spec.priority,
+                       held_on=self.held_on)
 
 
 @dataclass
@@ -227,6 +257,10 @@ class Node:
     free: int = NODE_GPUS
     jobs: dict[str, SimJob] = field(default_factory=dict)  # running and pausing jobs on it
     holding: str | None = None  # the job its free GPUs are held for, after its last decision
+
+    @property
+    def name(self) -> str:  # as the nodes table and Job.held_on name it
+        return f"node-{self.index}"
 
     @property
     def leased(self) -> int:
@@ -257,6 +291,9 @@ class Result:
     decisions: int
     choose_times: dict[int, list[float]]  # decimal order of the queue's length -> s per choose call
     wall_s: float
+    holds: int = 0  # jobs whose held_on a node took before their first start (no node is lost: once a job)
+    holds_when_full: int = 0  # of them, taken by a node with no GPU free at that decision
+    started_on_holder: int = 0  # of them, first started on the node that held for them (the others elsewhere)
 
     def utilisation(self) -> float:
         return self.leased_gpu_s / (self.nodes * NODE_GPUS * self.makespan)
@@ -297,7 +334,7 @@ class Simulator:
         self.held: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
         self.victims_of: dict[str, list[int]] = defaultdict(list)  # target -> nodes of its victims
         self.preemptions = self.in_vain = self.backfills = self.decisions = self.max_holding = 0
-        self.free_elsewhere = self.ahead_of_higher = 0
+        self.free_elsewhere = self.ahead_of_higher = self.holds = self.holds_when_full = self.on_holder = 0
         self.slot_blocked: set[tuple[str, int]] = set()
         for t in trace:
             self._push(t.arrival, ARRIVE, t.id)
@@ -317,6 +354,21 @@ class Simulator:
         """``UPDATE jobs SET bypassed = bypassed + 1`` of a job a backfill started ahead of."""
         job = self.jobs[job_id]
         job.bypassed += 1
+        self.queue[bisect.bisect_left(self.keys, job.key)] = job.waiting()
+
+    def _hold(self, job: SimJob, node: Node) -> None:
+        """``UPDATE jobs SET held_on = <node>`` of the job ``choose`` held the GPUs for (not a preemption's
+        target), where it was held on no node, this one, or one not seen within ``heartbeat_timeout_s`` (no
+        node is ever lost here: every node is live)."""
+        if job.held_on == node.name:
+            return
+        # choose() holds for a job at the limit held on another live node on no node but that one; the real
+        # conditional update would find no row (another node won) and choose again: never the case here
+        assert job.held_on is None, (job.spec.id, job.held_on, node.name)
+        job.held_on = node.name
+        if job.first_start is None:  # counted for the wait to the first start (not after a preemption)
+            self.holds += 1
+            self.holds_when_full += not node.free
         self.queue[bisect.bisect_left(self.keys, job.key)] = job.waiting()
 
     def _push(self, at: float, kind: str, job_id: str | None = None, token: int = 0) -> None:
@@ -357,7 +409,8 @@ class Simulator:
             sum(j.spec.gpus * j.spec.work for j in done), self.backlog_gpu_s, self.backlog_s, self.idle_held,
             self.idle_other, self.held_elsewhere, self.max_holding, self.preemptions, self.in_vain,
             self.free_elsewhere, len(self.slot_blocked), self.ahead_of_higher, self.backfills,
-            max(j.bypassed for j in done), self.decisions, dict(self.choose_times), time.perf_counter() - started)
+            max(j.bypassed for j in done), self.decisions, dict(self.choose_times), time.perf_counter() - started,
+            self.holds, self.holds_when_full, self.on_holder)
 
     def _account(self, dt: float) -> None:
         if dt <= 0:
@@ -412,10 +465,11 @@ class Simulator:
         else:
             reserved = frozenset(j.preempted_by for j in node.jobs.values()
                                  if j.status == "pausing" and j.preempted_by)  # preemptions_under_way(node)
-            # With no GPU free, choose() cannot start anything (every job needs one at least): it is not
-            # called, which saves walking the whole queue; nothing else depends on its answer then.
-            choice = (self._choose(node, node.free, policy.backfill_limit, reserved) if node.free
-                      else Choice(None))
+            # Called with no GPU free too, as _start_next calls it: it starts nothing then (every job needs a
+            # GPU at least), but its held_for makes this node the one that holds for a job at the limit.
+            choice = self._choose(node, node.free, policy.backfill_limit, reserved)
+            if choice.held_for is not None and choice.held_for not in reserved:
+                self._hold(self.jobs[choice.held_for], node)
             if choice.job_id is None and policy.preempt:
                 node.holding = choice.held_for
                 return self._preempt_for(node, reserved)
@@ -427,9 +481,9 @@ class Simulator:
 
     def _choose(self, node: Node, free: int, limit: int, reserved: frozenset[str]) -> Choice:
         if not self.time_choose:
-            return choose(self.queue, free, node.size, limit, DEVICE_BYTES, reserved)
+            return choose(self.queue, free, node.size, limit, DEVICE_BYTES, reserved, node.name)
         t0 = time.perf_counter()
-        choice = choose(self.queue, free, node.size, limit, DEVICE_BYTES, reserved)
+        choice = choose(self.queue, free, node.size, limit, DEVICE_BYTES, reserved, node.name)
         self.choose_times[int(math.log10(len(self.queue)))].append(time.perf_counter() - t0)
         return choice
 
@@ -438,6 +492,7 @@ class Simulator:
         job.status, job.node, job.run_start = "running", node.index, self.now
         if job.first_start is None:
             job.first_start = self.now
+            self.on_holder += job.held_on == node.name
         job.token += 1
         node.jobs[job.spec.id] = job
         node.free -= job.spec.gpus
@@ -667,7 +722,9 @@ def merged(results: list[Result]) -> Result:
                   sum(r.preempted_with_room_elsewhere for r in results), sum(r.blocked_by_slots for r in results),
                   sum(r.ahead_of_higher for r in results),
                   sum(r.backfills for r in results), max(r.max_bypassed for r in results),
-                  sum(r.decisions for r in results), dict(times), sum(r.wall_s for r in results))
+                  sum(r.decisions for r in results), dict(times), sum(r.wall_s for r in results),
+                  sum(r.holds for r in results), sum(r.holds_when_full for r in results),
+                  sum(r.started_on_holder for r in results))
 
 
 def policy_table(results: list[Result], runs: int) -> list[str]:
@@ -764,8 +821,53 @@ def sweep_table(rows: list[tuple[int, Result]]) -> list[str]:
     return lines
 
 
+def since_previous(one: list[Result], many: list[Result], load8: list[tuple[float, Result]]) -> list[str]:
+    """The figures against ``PREVIOUS`` (the rule before commit adc7e3f), policy by policy."""
+    a = {r.policy.name: r for r in one}
+    b = {r.policy.name: r for r in many}
+    low = {r.policy.name: r for x, r in load8 if abs(x - 0.7) < 1e-9}
+
+    def h(value: float | None) -> str:
+        return "-" if value is None else hours(value * HOUR)
+
+    lines = ["| policy | 1 node: utilisation | 1 node: all p95 wait | 8 nodes: utilisation | 8 nodes: all p95 wait | "
+             "8 nodes: held idle for a job (GPU-h) | 8 nodes at 70%: all p95 / 7B p95 / 65B p95 wait |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, (u1, w1, u8, w8, held8, l95, l7, l65) in PREVIOUS.items():
+        r1, r8, r7 = a[name], b[name], low.get(name)
+        now7 = (f"{hours(percentile(r7.waits(), 95))} / {hours(percentile(r7.waits('7B'), 95))} / "
+                f"{hours(percentile(r7.waits('65B'), 95))}" if r7 else "-")
+        lines.append(f"| {name} | {u1:.1%} / {r1.utilisation():.1%} | {h(w1)} / {hours(percentile(r1.waits(), 95))} | "
+                     f"{u8:.1%} / {r8.utilisation():.1%} | {h(w8)} / {hours(percentile(r8.waits(), 95))} | "
+                     f"{held8:,} / {r8.idle_held_gpu_s / HOUR:,.0f} | {h(l95)} / {h(l7)} / {h(l65)} before, "
+                     f"{now7} now |")
+    worse = []
+    for name, (u1, w1, u8, w8, _, l95, l7, l65) in PREVIOUS.items():
+        r1, r8, r7 = a[name], b[name], low.get(name)
+        pairs = [("1 node utilisation", u1, r1.utilisation(), False),
+                 ("1 node p95", w1, percentile(r1.waits(), 95) / HOUR, True),
+                 ("8 nodes utilisation", u8, r8.utilisation(), False),
+                 ("8 nodes p95", w8, percentile(r8.waits(), 95) / HOUR, True)]
+        if r7 is not None:
+            pairs += [("8 nodes at 70%: all p95", l95, percentile(r7.waits(), 95) / HOUR, True),
+                      ("7B p95", l7, percentile(r7.waits("7B"), 95) / HOUR, True),
+                      ("65B p95", l65, percentile(r7.waits("65B"), 95) / HOUR, True)]
+        for what, before, now, lower_better in pairs:
+            if before is None:
+                continue
+            tolerance = 0.05 * before if lower_better else 0.002
+            if (now - before > tolerance) if lower_better else (before - now > tolerance):
+                fmt = hours(now * HOUR) if lower_better else f"{now:.1%}"
+                was = hours(before * HOUR) if lower_better else f"{before:.1%}"
+                if fmt != was:  # not the same figure once rounded as the report rounds it
+                    worse.append(f"{name}, {what}: {was} before, {fmt} now")
+    lines += ["", "Worse than before by more than 5% (waits) or 0.2 points (utilisation): "
+              + ("; ".join(worse) if worse else "nothing") + "."]
+    return lines
+
+
 def reading(one: list[Result], many: list[Result], load8: list[tuple[float, Result]], db: dict | None,
-            interval: float, load: float, runs: int) -> list[str]:
+            interval: float, load: float, runs: int, compare: bool = False) -> list[str]:
     """What the figures say, from the figures."""
     def p95(r: Result, size: str | None = None) -> str:
         return hours(percentile(r.waits(size), 95))
@@ -780,15 +882,20 @@ def reading(one: list[Result], many: list[Result], load8: list[tuple[float, Resu
     lower = min((x for x, _ in load8), default=load)
     low = {r.policy.name: r for x, r in load8 if x == lower}
     out = [
-        f"- **What wins.** Of the bounded policies the real rule with its defaults: on 8 nodes it holds the GPUs "
-        f"{lomo8.utilisation():.1%} of the makespan against {fifo8.utilisation():.1%} under strict FIFO and "
-        f"{single8.utilisation():.1%} one job at a time, and its p95 wait is {p95(lomo8)} against {p95(fifo8)} "
-        f"and {p95(single8)}; on 1 node {lomo.utilisation():.1%} against {fifo.utilisation():.1%} and "
-        f"{single.utilisation():.1%}, p95 {p95(lomo)} against {p95(fifo)} and {p95(single)}. One job per node "
-        f"(LLaMA-Factory's board) leaves idle every GPU its job does not use: a week of arrivals takes "
-        f"{single.makespan / DAY / runs:.1f} days on one node and jobs wait days to weeks. Unbounded backfill "
-        f"has the best utilisation and the shortest waits of the small jobs (8 nodes: 7B p95 {p95(unb8, '7B')} "
-        f"against {p95(lomo8, '7B')} with the limit), paid by the large ones (below).",
+        f"- **What wins.** Of the bounded policies the real rule: on 1 node the defaults hold the GPUs "
+        f"{lomo.utilisation():.1%} of the makespan against {fifo.utilisation():.1%} under strict FIFO and "
+        f"{single.utilisation():.1%} one job at a time, p95 wait {p95(lomo)} against {p95(fifo)} and "
+        f"{p95(single)}; on 8 nodes {lomo8.utilisation():.1%} against {fifo8.utilisation():.1%} with "
+        f"`backfill_limit` 0 and {single8.utilisation():.1%}, p95 {p95(lomo8)} against {p95(fifo8)} and "
+        f"{p95(single8)}"
+        + (" (on several nodes the defaults and limit 0 are now level: with one holding node per job, limit 0 "
+           "no longer makes the whole cluster wait for the head of the queue, see finding 1)"
+           if abs(lomo8.utilisation() - fifo8.utilisation()) < 0.01
+           and abs(percentile(lomo8.waits(), 95) / percentile(fifo8.waits(), 95) - 1) < 0.15 else "")
+        + f". One job per node (LLaMA-Factory's board) leaves idle every GPU its job does not use: a week of "
+        f"arrivals takes {single.makespan / DAY / runs:.1f} days on one node and jobs wait days to weeks. "
+        f"Unbounded backfill has the best utilisation and the shortest waits of the small jobs (8 nodes: 7B p95 "
+        f"{p95(unb8, '7B')} against {p95(lomo8, '7B')} with the limit), paid by the large ones (below).",
         f"- **Saturation.** At {load:.0%} offered load no policy keeps up with the arrivals: while jobs waited the "
         f"defaults used {lomo.under_backlog():.1%} of the GPUs on 1 node and {lomo8.under_backlog():.1%} on 8 "
         f"(unbounded backfill {unb.under_backlog():.1%} / {unb8.under_backlog():.1%}, FIFO "
@@ -797,26 +904,57 @@ def reading(one: list[Result], many: list[Result], load8: list[tuple[float, Resu
         f"{lower:.0%} the defaults' p95 wait is {p95(low['lomo (defaults)'])} (FIFO {p95(low['strict FIFO'])}, "
         f"unbounded {p95(low['backfill unbounded'])}). On one node the 65B jobs (8 GPUs, {shares(one)} of "
         f"the GPU-hours) are the cause: while one runs or the node drains for one, nothing else runs.",
-        f"- **Weakness 1: on several nodes a job at the backfill limit is held for on every node.** `bypassed` is "
-        f"one column per job, bumped by a backfill on any node (`_start_next` bumps every job `choose` skipped), "
-        f"and `choose` holds the free GPUs for a job at the limit on every node where it `fits_node` and "
-        f"nothing ahead of it fits the free GPUs. So a waiting 8-GPU job reaches "
-        f"the limit {DEFAULTS.backfill_limit} after {DEFAULTS.backfill_limit} starts anywhere in the cluster, "
-        f"then every node drains for it though it needs one: in the 8-node run up to "
-        f"{lomo8.max_nodes_holding_one} nodes held their free GPUs for one job at once, and "
-        f"{lomo8.held_elsewhere_gpu_s / HOUR:,.0f} of the {lomo8.idle_held_gpu_s / HOUR:,.0f} GPU-hours held "
-        f"idle were on nodes other than the one the job then started on "
-        f"({lomo8.idle_held_gpu_s / lomo8.leased_gpu_s:.1%} of the GPU-hours used). The 8-node defaults are "
-        f"therefore close to FIFO: at {lower:.0%} load the 7B p95 wait is {p95(low['lomo (defaults)'], '7B')} "
-        f"against {p95(low['strict FIFO'], '7B')} (FIFO) and {p95(low['backfill unbounded'], '7B')} "
-        f"(unbounded backfill).",
+        f"- **Finding 1: a job at the backfill limit is held for on one node now, but on the first to decide, "
+        f"not the first to have its GPUs.** `bypassed` is one column per job, bumped by a backfill on any node, "
+        f"so a waiting 8-GPU job reaches the limit {DEFAULTS.backfill_limit} after {DEFAULTS.backfill_limit} "
+        f"starts anywhere in the cluster. "
+        + (f"Before commit adc7e3f `choose` then held the free GPUs for it on every node where it `fits_node`: "
+           f"in the previous report (commit {PREVIOUS_REV}) up to {PREVIOUS_HELD[2]} nodes held for one job at "
+           f"once, {PREVIOUS_HELD[0]:,} of the {PREVIOUS_HELD[1]:,} GPU-hours held idle on 8 nodes were on "
+           f"nodes other than the one the job then started on ({PREVIOUS_HELD[3]:.1%} of the GPU-hours used), "
+           f"and the 8-node defaults were close to FIFO (utilisation {PREVIOUS['lomo (defaults)'][2]:.1%} "
+           f"against {PREVIOUS['strict FIFO'][2]:.1%}, p95 wait {hours(PREVIOUS['lomo (defaults)'][3] * HOUR)} "
+           f"against {hours(PREVIOUS['strict FIFO'][3] * HOUR)}). Now " if compare else "Since commit adc7e3f ")
+        + f"the first node whose `choose` holds for it becomes its `held_on`, and the other nodes backfill "
+        f"past it without bumping its count: at most {lomo8.max_nodes_holding_one} node(s) held for one job "
+        f"at once, {lomo8.idle_held_gpu_s / HOUR:,.0f} GPU-hours were held idle "
+        f"({lomo8.idle_held_gpu_s / lomo8.leased_gpu_s:.1%} of the GPU-hours used), utilisation "
+        f"{lomo8.utilisation():.1%}, p95 wait {p95(lomo8)} (unbounded backfill: {unb8.utilisation():.1%}, "
+        f"{p95(unb8)}). But {lomo8.held_elsewhere_gpu_s / HOUR:,.0f} of those "
+        f"{lomo8.idle_held_gpu_s / HOUR:,.0f} GPU-hours "
+        f"({lomo8.held_elsewhere_gpu_s / max(lomo8.idle_held_gpu_s, 1e-9):.0%}) are still on a node other than "
+        f"the one the job then started on: of the {lomo8.holds:,} jobs held for, {lomo8.holds_when_full:,} "
+        f"were taken by a node with no GPU free at that decision (a node whose GPUs are all leased but whose "
+        f"worker has an idle slot decides like any other, and `choose` holds for a job at the limit whatever "
+        f"the free count), and only {lomo8.started_on_holder:,} started on the node that held for them; the "
+        f"others started on a node whose running jobs happened to end first (a job that fits the free GPUs "
+        f"starts before its `held_on` is looked at). The holder is whichever node decides first, not the one "
+        f"that will have the GPUs soonest (the rule has no run-time estimate), and its held GPUs idle in vain "
+        f"when another node ends up running the job: that is what is left of this weakness. The same rule "
+        f"changes `backfill_limit` 0: each node holds for the first job that no other node holds for, so on "
+        f"several nodes \"strict FIFO\" is FIFO per node"
+        + (f" (8 nodes: p95 wait {hours(PREVIOUS['strict FIFO'][3] * HOUR)} before, {p95(fifo8)} now; 1 node "
+           f"unchanged, {p95(fifo)})" if compare else "") + "."
+        + (f" One figure is worse than before: at {lower:.0%} load on 8 nodes the 65B p95 wait of the defaults "
+           f"is {p95(low['lomo (defaults)'], '65B')} against {hours(PREVIOUS['lomo (defaults)'][7] * HOUR)}. A "
+           f"65B job at the limit now waits for its one holder (mostly a node that was full when it took the "
+           f"hold) or for a node that happens to empty while it backfills, where before every node drained for "
+           f"it and the first to drain ran it. That drain cost the small jobs more (7B p95 at {lower:.0%} "
+           f"{hours(PREVIOUS['lomo (defaults)'][6] * HOUR)} before, {p95(low['lomo (defaults)'], '7B')} now), "
+           f"and at {load:.0%} it cost the 65B jobs themselves more than it saved them (65B p95 "
+           f"{hours(PREVIOUS_65B[1] * HOUR)} before, {p95(lomo8, '65B')} now)."
+           if compare and percentile(low["lomo (defaults)"].waits("65B"), 95) / HOUR
+           > 1.05 * PREVIOUS["lomo (defaults)"][7] else ""),
         f"- **The backfill limit bounds starvation, at a price.** On 1 node, without it the 65B jobs wait "
         f"longest: p95 {p95(unb, '65B')}, longest {hours(max(unb.waits('65B')))}, against {p95(lomo, '65B')} / "
-        f"{hours(max(lomo.waits('65B')))} with the limit {DEFAULTS.backfill_limit}. On 8 nodes at {load:.0%} the "
-        f"limit helps them not at all (65B p95 {p95(unb8, '65B')} unbounded, {p95(lomo8, '65B')} with it: "
-        f"with the limit the whole cluster is saturated, see weakness 1); at {lower:.0%} it takes their p95 from "
-        f"{p95(low['backfill unbounded'], '65B')} to {p95(low['lomo (defaults)'], '65B')}, for a 7B p95 of "
-        f"{p95(low['lomo (defaults)'], '7B')} instead of {p95(low['backfill unbounded'], '7B')}. A waiting job's "
+        f"{hours(max(lomo.waits('65B')))} with the limit {DEFAULTS.backfill_limit}. On 8 nodes it takes their "
+        f"p95 from {p95(unb8, '65B')} (unbounded) to {p95(lomo8, '65B')} at {load:.0%} load"
+        + (" (before commit adc7e3f the limit helped them not at all there: "
+           f"{hours(PREVIOUS_65B[0] * HOUR)} unbounded, {hours(PREVIOUS_65B[1] * HOUR)} with it, the whole "
+           "cluster draining for each)" if compare else "")
+        + f", and from {p95(low['backfill unbounded'], '65B')} to {p95(low['lomo (defaults)'], '65B')} at "
+        f"{lower:.0%}, for a 7B p95 of {p95(low['lomo (defaults)'], '7B')} instead of "
+        f"{p95(low['backfill unbounded'], '7B')}. A waiting job's "
         f"wait is bounded by the runs of the at most {DEFAULTS.backfill_limit} jobs started ahead of it and of "
         f"those running when it reached the limit. But the limit counts starts, not their length: with "
         f"heavy-tailed runs one backfilled job may be the longest of the drain, and the held GPUs idle for the "
@@ -839,7 +977,11 @@ def reading(one: list[Result], many: list[Result], load8: list[tuple[float, Resu
         f"decides without asking whether the waiting job fits the free GPUs of another node: in the 8-node run "
         f"{pre8.preempted_with_room_elsewhere} of the {pre8.preemptions} victims were paused while another node "
         f"had enough GPUs free for the job, and {pre8.preemptions_in_vain} paused for a job that then started "
-        f"on another node (their pause and restart for nothing). Also, preemption is tried only when `choose` "
+        f"on another node (their pause and restart for nothing)"
+        + (f"; more than before commit adc7e3f, {PREVIOUS_PREEMPT[2]} and {PREVIOUS_PREEMPT[1]} of "
+           f"{PREVIOUS_PREEMPT[0]}. `_preempt_for` does not look at `held_on` either: a node preempts for the "
+           f"first job of the queue it can run even when another node holds GPUs for it" if compare else "")
+        + ". Also, preemption is tried only when `choose` "
         f"starts nothing on the node: a job behind the high-priority one that fits the free GPUs starts first "
         f"and bumps its `bypassed` ({pre8.ahead_of_higher} such backfills on 8 nodes, {pre.ahead_of_higher} "
         f"on 1), which the module docstring does not say. One more, latent: a node whose worker slots (one "
@@ -949,6 +1091,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------------------------------- the report
     cmd = " ".join([".venv/bin/python", "benchmarks/bench_scheduler.py", *sys.argv[1:]])
+    comparable = all(getattr(args, k) == v for k, v in PREVIOUS_ARGS.items())  # with PREVIOUS
     lines = [
         "# Scheduler at scale, by simulation",
         "",
@@ -1030,9 +1173,23 @@ def main() -> None:
         "",
         *load_table(by_load8, 1),
         "",
-        f"Held for one job on several nodes at once (defaults): at most {many[0].max_nodes_holding_one} nodes; "
-        f"GPU-hours held idle for a job on nodes other than the one it then started on: "
-        f"{many[0].held_elsewhere_gpu_s / HOUR:.0f} of {many[0].idle_held_gpu_s / HOUR:.0f}.",
+        f"Held for one job on several nodes at once (defaults): at most {many[0].max_nodes_holding_one} "
+        f"node(s)" + (f" (before commit adc7e3f: {PREVIOUS_HELD[2]})" if comparable else "")
+        + "; jobs at the backfill limit held for (`held_on` "
+        f"taken) before their first start: {many[0].holds:,}, {many[0].holds_when_full:,} of them by a node "
+        f"with no GPU free at that decision, {many[0].started_on_holder:,} started on the node that held for "
+        f"them; GPU-hours held idle for a job on nodes other than the one it then started on: "
+        f"{many[0].held_elsewhere_gpu_s / HOUR:.0f} of {many[0].idle_held_gpu_s / HOUR:.0f}"
+        + (f" (before: {PREVIOUS_HELD[0]} of {PREVIOUS_HELD[1]})" if comparable else "") + ".",
+        "",
+        f"### Since the previous report (commit {PREVIOUS_REV}: the rule before commit adc7e3f)",
+        "",
+        *(["Before adc7e3f every node where a job at the backfill limit fits held its free GPUs for it; now "
+           "one node does (`held_on`), the others backfill past it. Each cell: before / now.", "",
+           *since_previous(one, many, by_load8)]
+          if comparable
+          else [f"The previous figures are for the default run ({PREVIOUS_ARGS}); this one differs: not "
+                "compared."]),
         "",
         "Simulation speed: " + ", ".join(f"{r.policy.name} {r.decisions:,} decisions in {r.wall_s:.1f} s"
                                          for r in many) + ".",
@@ -1044,8 +1201,8 @@ def main() -> None:
         f"min(`heartbeat_timeout_s` / 4, 30 s) = {min(DEFAULTS.heartbeat_timeout_s / 4, 30):.0f} s; a job that "
         f"ends wakes the workers at once.",
         "",
-        f"`choose` inside the {args.nodes}-node simulation (defaults), by queue length (with no GPU free the "
-        "simulation does not call it, see below):",
+        f"`choose` inside the {args.nodes}-node simulation (defaults), by queue length (with no GPU free too, "
+        "as `_start_next` calls it):",
         "",
         "| queue length | calls | median | p99 | max |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -1081,15 +1238,18 @@ def main() -> None:
         "node first (the worker that got the wake-up), until no node starts or preempts anything. No races "
         "between workers (the real transaction retries them). A node whose worker slots (one per GPU) all "
         "run a job decides nothing, as a real one takes no message then.",
-        "- With no GPU free on a node `choose` is not called (it cannot start anything then: every job needs a "
-        "GPU); preemption is then tried as `_start_next` tries it.",
+        "- `choose` is called with no GPU free too, as `_start_next` calls it: it starts nothing then (every "
+        "job needs a GPU), but its `held_for` makes the deciding node a job's `held_on` as in the database "
+        "(a full node with an idle worker slot decides too); preemption is then tried as `_start_next` "
+        "tries it. (Before commit adc7e3f the simulation skipped that call, which changed nothing then.)",
         "- Preemption: the victim's progress stops when it is asked to pause; it holds its GPUs for the "
         "checkpoint time above, then goes back to the queue at its place (its `bypassed` kept, as in the "
         "database); a restart adds the restart time to its run. The real run checkpoints after the step in "
         "progress, so no work since an earlier checkpoint is lost; the two costs are assumptions. A victim "
         "whose run ends before its checkpoint would be done simply ends.",
-        "- Jobs never fail, are never cancelled and never lose their worker; no quotas (one user); every node "
-        "has the same cards, and every job fits a node.",
+        "- Jobs never fail, are never cancelled and never lose their worker; nodes are never lost (every node "
+        "is live, so a job's `held_on` stays with the node that took it; `heartbeat_timeout_s` plays no part); "
+        "no quotas (one user); every node has the same cards, and every job fits a node.",
         "- Wait is to the first start; a preempted job's time back in the queue is not in it.",
         "- The trace is synthetic (its mix, run times and priorities are assumptions, listed above); the waits "
         "at a load a policy cannot keep up with grow with the trace's length.",
@@ -1098,7 +1258,7 @@ def main() -> None:
         "",
         "## Reading",
         "",
-        *reading(one, many, by_load8, db, interval, args.load, args.seeds),
+        *reading(one, many, by_load8, db, interval, args.load, args.seeds, comparable),
         "",
     ]
     text = "\n".join(lines)

@@ -262,7 +262,8 @@ def serve(
 @app.command()
 def worker(
     concurrency: int | None = typer.Option(
-        None, min=1, help="jobs run at once by this worker (default: one per GPU of the node, 1 on a CPU node)"),
+        None, min=1, help="jobs run at once by this worker (default: one per GPU of the node; on a CPU node one "
+                          "per rank of LOMO_CPU_RANKS, or 1)"),
     loglevel: str = typer.Option("info", help="debug | info | warning | error"),
     webhooks: bool = typer.Option(True, "--webhooks/--no-webhooks",
                                   help="also deliver webhooks (a child process with a few threads, on the "
@@ -297,7 +298,7 @@ def worker(
     if webhooks:
         subprocess.Popen([sys.executable, "-m", "client.cli", "worker", "--webhooks-only", "--loglevel", loglevel],
                          preexec_fn=_stop_with_parent)
-    slots = concurrency or max(1, len(node.gpu_memory_gib))
+    slots = concurrency or node.rank_slots() or 1  # one per GPU (per CPU rank, with LOMO_CPU_RANKS)
     celery_app.start([
         *quiet, "worker", "--concurrency", str(slots), "--queues", settings.queue, "--loglevel", loglevel,
         "--hostname", f"lomo@{settings.worker_name}", "--without-gossip", "--without-mingle",

@@ -15,7 +15,8 @@ from jobs.errors import InvalidRequest, NotFound, Problem
 from jobs.evalspecs import checked_evals
 from jobs.files import file_path, get_file
 from jobs.models import File
-from jobs.nodes import bf16_warning, deployment_inventory
+from jobs.nodes import bf16_warning, deployment_inventory, node_sizes
+from jobs.placement import can_spread
 from jobs.schemas import AUTO_BATCH_SIZES, HYPERPARAMETERS, JobCreate
 from jobs.settings import Settings
 from jobs.users import ensure_user
@@ -140,9 +141,12 @@ def checked_request(session: Session, settings: Settings, owner: str, request: J
         elif (vocabulary := catalog.vocabulary_problem(model, repr(request.model))) is not None:
             problems.append(Problem("model", vocabulary))
     evals = checked_evals(session, settings, owner, request, problems)
-    _device, count, _bytes = deployment_inventory(session, settings)
-    if request.gpus is not None and _device == "cuda" and request.gpus > count:
-        problems.append(Problem("gpus", f"{request.gpus} GPUs asked for; a node of this deployment has {count}"))
+    sizes = node_sizes(session, settings)
+    if request.gpus is not None and sizes and not can_spread(request.gpus, sizes):
+        what = "GPUs" if deployment_inventory(session, settings)[0] == "cuda" else "CPU ranks (LOMO_CPU_RANKS)"
+        problems.append(Problem("gpus", f"{request.gpus} GPUs asked for; the nodes of this deployment have "
+                                        f"{', '.join(map(str, sorted(sizes, reverse=True)))} {what}, and a job "
+                                        "larger than a node needs nodes that each take the same share of it"))
     if problems:
         raise InvalidRequest(problems)
     train, val = files["training_file"], files["validation_file"]

@@ -29,12 +29,15 @@ def leased_devices(session: Session, node: str) -> dict[int, str]:
     return {index: job for index, job in rows}
 
 
-def release(session: Session, job_id: str, attempt: int | None = None) -> int:
+def release(session: Session, job_id: str, attempt: int | None = None, node: str | None = None) -> int:
     """End the leases of ``job_id`` (only those of its ``attempt``, when given: a recovered job's old
-    worker must not free the GPUs of its new attempt); returns how many were released."""
+    worker must not free the GPUs of its new attempt; only those on ``node``, when given: a joining node
+    of a job spread over several nodes frees its part); returns how many were released."""
     query = update(GpuLease).where(GpuLease.job_id == job_id, GpuLease.released_at.is_(None))
     if attempt is not None:
         query = query.where(or_(GpuLease.attempt == attempt, GpuLease.attempt.is_(None)))
+    if node is not None:
+        query = query.where(GpuLease.node == node)
     return session.execute(query.values(released_at=_now())).rowcount
 
 

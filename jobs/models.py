@@ -150,6 +150,9 @@ class Job(Base):
     #: the node whose GPUs are held for this job once it reached the limit (the first whose worker held
     #: them); other live nodes go on backfilling (``jobs.scheduler``)
     held_on: Mapped[str | None] = mapped_column(String(200))
+    #: a job spread over several nodes (``jobs.placement``): its nodes and ranks per node, then its
+    #: rendezvous and run config (written by the launcher), and a joining node's failure
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: evaluations asked for: [{task, file (an uploaded file id), limit, num_fewshot, fewshot_file}]
     evals: Mapped[list[Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -254,6 +257,10 @@ class GpuLease(Base):
     attempt: Mapped[int | None] = mapped_column(Integer)
     leased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: a job spread over several nodes (``jobs.placement``): this node's rank in it (0: the launcher; None
+    #: or 0 for a job on one node), and the worker process of this node that joined it
+    node_rank: Mapped[int | None] = mapped_column(Integer)
+    joined_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class Node(Base):
@@ -267,6 +274,8 @@ class Node(Base):
     #: a CPU node's bf16 matmul time over fp32's, from the probe at its workers' start (``lomo_core.cpu_probe``;
     #: above 3: no native bf16, bf16 jobs crawl there); None for GPU nodes and nodes not probed
     cpu_bf16_slowdown: Mapped[float | None] = mapped_column(Float)
+    #: a CPU node's training ranks, leased like GPUs (``LOMO_CPU_RANKS``); None: not counted
+    cpu_ranks: Mapped[int | None] = mapped_column(Integer)
 
 
 class IdempotencyKey(Base):

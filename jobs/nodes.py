@@ -10,16 +10,15 @@ from jobs.settings import Settings
 
 
 def register_node(session: Session, name: str, gpu_memory_gib: list[float],
-                  cpu_bf16_slowdown: float | None = None) -> None:
-    """Record (or refresh) a worker node's GPUs, and for a CPU node what its bf16 probe measured: the API
-    places jobs on what the workers have."""
+                  cpu_bf16_slowdown: float | None = None, cpu_ranks: int | None = None) -> None:
+    """Record (or refresh) a worker node's GPUs (for a CPU node, its leased ranks, ``LOMO_CPU_RANKS``, and
+    what its bf16 probe measured): the API places jobs on what the workers have."""
     node = session.get(Node, name)
     if node is None:
-        session.add(Node(name=name, gpu_memory_gib=list(gpu_memory_gib), seen_at=utcnow(),
-                         cpu_bf16_slowdown=cpu_bf16_slowdown))
-    else:
-        node.gpu_memory_gib, node.seen_at = list(gpu_memory_gib), utcnow()
-        node.cpu_bf16_slowdown = cpu_bf16_slowdown
+        node = Node(name=name)
+        session.add(node)
+    node.gpu_memory_gib, node.seen_at = list(gpu_memory_gib), utcnow()
+    node.cpu_bf16_slowdown, node.cpu_ranks = cpu_bf16_slowdown, (None if gpu_memory_gib else cpu_ranks)
 
 
 def bf16_warning(session: Session, settings: Settings, dtype: str) -> str | None:
@@ -57,3 +56,15 @@ def deployment_inventory(session: Session, settings: Settings) -> tuple[str, int
         best = max(nodes, key=lambda gib: (len(gib), min(gib)))
         return "cuda", len(best), int(min(best) * 1024**3)
     return settings.device_inventory()
+
+
+def node_sizes(session: Session, settings: Settings) -> list[int]:
+    """The GPUs of each registered GPU node (on a deployment of GPUs), or the ranks of each CPU node that
+    counts them (``cpu_ranks``); [] when nothing is counted. A job of more than the largest is spread over
+    several (``jobs.placement``)."""
+    kind, count, _bytes = deployment_inventory(session, settings)
+    rows = list(session.scalars(select(Node)))
+    if kind == "cuda":
+        return [len(n.gpu_memory_gib) for n in rows if n.gpu_memory_gib] or [count]
+    return [n.cpu_ranks for n in rows if not n.gpu_memory_gib and n.cpu_ranks]
+

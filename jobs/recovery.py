@@ -20,6 +20,7 @@ import logging
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
 
 from jobs import leases, webhooks
 from jobs.db import UNREACHABLE, Database
@@ -66,29 +67,52 @@ def _recover_one(db: Database, settings: Settings, now: datetime, job_id: str, s
             session.execute(text("SET LOCAL lock_timeout = '2s'"))
         seen = (Job.id == job_id, Job.status == status, Job.attempt == attempt, Job.heartbeat_at == heartbeat)
         lost = f"worker {worker} lost: no heartbeat for {silent:.0f} s (attempt {attempt})"
-        if cancel:
-            values = {**transition_values(status, JobStatus.CANCELLED, now), "estimated_finish": None}
-            message, level = f"{lost}; its cancellation was asked, so the job ends cancelled", "warning"
-        elif status == JobStatus.PAUSING.value and not preempted_by:  # paused it is, at its latest checkpoint
-            values = {**transition_values(status, JobStatus.PAUSED, now), "claimed_by": None,
-                      "estimated_finish": None}
-            message, level = f"{lost} while pausing; paused at its latest checkpoint", "warning"
-        elif recoveries >= settings.max_recoveries:
-            values = {**transition_values(status, JobStatus.FAILED, now), "estimated_finish": None,
-                      "error_code": "worker_lost",
-                      "error_message": f"the job lost its worker {recoveries + 1} times (the last: {worker}); "
-                                       f"after {settings.max_recoveries} recoveries (LOMO_MAX_RECOVERIES) it is "
-                                       "not retried again"}
-            message, level = f"{lost}; no recovery left: the job fails", "error"
-        else:
-            values = {**transition_values(status, JobStatus.QUEUED, now), "claimed_by": None,
-                      "estimated_finish": None, "recoveries": Job.recoveries + 1, "preempted_by": None}
-            message, level = (f"{lost}; back in the queue, to resume from its latest checkpoint (recovery "
-                              f"{recoveries + 1} of at most {settings.max_recoveries})"), "warning"
-        if session.execute(update(Job).where(*seen).values(**values)).rowcount != 1:
-            return False  # it wrote a heartbeat, ended, or another worker recovered it meanwhile
-        leases.release(session, job_id)  # every attempt's: the lost one holds them no more
-        add_event(session, job_id, message, level)
-        webhooks.job_ended(session, job_id, values["status"])  # cancelled, paused or failed: an event
-        log.warning("job %s: %s", job_id, message)
-        return values["status"] == JobStatus.QUEUED.value
+        return _recover(session, settings, now, job_id, seen, status, attempt, recoveries, worker, cancel,
+                        preempted_by, lost) == JobStatus.QUEUED.value
+
+
+def requeue_after_node_loss(session: Session, settings: Settings, job_id: str, attempt: int, lost: str) -> str | None:
+    """A job spread over several nodes lost one of them (``jobs.placement``): its launcher stopped its own
+    ranks, and the job is recovered as if its worker were lost (back in the queue to resume from its latest
+    checkpoint, on a new placement; ended when cancelled, paused when it was pausing, failed past
+    ``max_recoveries``). Returns the status it is left in; None when it was not running in ``attempt``."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(LIVE))
+                         .with_for_update())
+    if job is None:
+        return None
+    seen = (Job.id == job_id, Job.status == job.status, Job.attempt == attempt)
+    return _recover(session, settings, utcnow(), job_id, seen, job.status, attempt, job.recoveries,
+                    job.claimed_by, job.cancel_requested, job.preempted_by, lost)
+
+
+def _recover(session: Session, settings: Settings, now: datetime, job_id: str, seen: tuple, status: str,
+             attempt: int, recoveries: int, worker: str | None, cancel: bool, preempted_by: str | None,
+             lost: str) -> str | None:
+    """Move a lost job (``seen``: the conditions it was seen in) on: the status it is left in, or None
+    when it changed meanwhile."""
+    if cancel:
+        values = {**transition_values(status, JobStatus.CANCELLED, now), "estimated_finish": None}
+        message, level = f"{lost}; its cancellation was asked, so the job ends cancelled", "warning"
+    elif status == JobStatus.PAUSING.value and not preempted_by:  # paused it is, at its latest checkpoint
+        values = {**transition_values(status, JobStatus.PAUSED, now), "claimed_by": None,
+                  "estimated_finish": None}
+        message, level = f"{lost} while pausing; paused at its latest checkpoint", "warning"
+    elif recoveries >= settings.max_recoveries:
+        values = {**transition_values(status, JobStatus.FAILED, now), "estimated_finish": None,
+                  "error_code": "worker_lost",
+                  "error_message": f"the job lost its worker {recoveries + 1} times (the last: {worker}); "
+                                   f"after {settings.max_recoveries} recoveries (LOMO_MAX_RECOVERIES) it is "
+                                   "not retried again"}
+        message, level = f"{lost}; no recovery left: the job fails", "error"
+    else:
+        values = {**transition_values(status, JobStatus.QUEUED, now), "claimed_by": None,
+                  "estimated_finish": None, "recoveries": Job.recoveries + 1, "preempted_by": None}
+        message, level = (f"{lost}; back in the queue, to resume from its latest checkpoint (recovery "
+                          f"{recoveries + 1} of at most {settings.max_recoveries})"), "warning"
+    if session.execute(update(Job).where(*seen).values(**values)).rowcount != 1:
+        return None  # it wrote a heartbeat, ended, or another worker recovered it meanwhile
+    leases.release(session, job_id)  # every attempt's: the lost one holds them no more
+    add_event(session, job_id, message, level)
+    webhooks.job_ended(session, job_id, values["status"])  # cancelled, paused or failed: an event
+    log.warning("job %s: %s", job_id, message)
+    return values["status"]

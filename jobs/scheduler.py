@@ -12,8 +12,12 @@ with the number of its node's GPUs that are free:
   the others go on backfilling (were they all to drain for it, all but one would have idled in vain; the
   simulation of ``benchmarks/bench_scheduler.py`` measured most held GPU-hours on nodes it never started
   on). A node that is no longer seen (``heartbeat_timeout_s``) holds for nothing: another takes over;
-- a job that needs more GPUs than this node has, or whose predicted peak per GPU is larger than this
-  node's GPUs (nodes of different cards), is left to other nodes, and does not block this one.
+- a job whose predicted peak per GPU is larger than this node's GPUs (nodes of different cards) is left
+  to other nodes, and does not block this one;
+- a job that needs more GPUs than this node has is spread over several nodes (``jobs.placement``): it
+  starts here, this node launching it, when this node and enough other live nodes have its share free
+  (all the shares are leased in this transaction); it waits like any job when they could but do not
+  now, and is left to other nodes when this one cannot take a share.
 
 Preemption (``LOMO_PREEMPT``): when the first job of the queue that this node can run does not fit the
 free GPUs (counting those of jobs already pausing), and running jobs of lower priority hold enough of
@@ -36,6 +40,7 @@ no job starts twice, no device is leased twice, and a job is never left claimed 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -43,7 +48,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from jobs import leases, lifecycle, quotas
+from jobs import leases, lifecycle, placement, quotas
 from jobs.db import Database, session_scope
 from jobs.events import add_event
 from jobs.models import GpuLease, Job, JobEvent, Node, User, aware, utcnow
@@ -81,6 +86,7 @@ class Choice:
     job_id: str | None  # the job to start, or None
     skipped: list[str] = field(default_factory=list)  # jobs ahead of it that wait for more GPUs than are free
     held_for: str | None = None  # the job the free GPUs are held for (it reached the backfill limit)
+    placement: list[tuple[str, int]] | None = None  # a job spread over nodes: (node, GPUs) each, this one first
 
 
 def fits_node(job: Waiting, node_size: int | None, device_bytes: int | None = None) -> bool:
@@ -94,21 +100,35 @@ def fits_node(job: Waiting, node_size: int | None, device_bytes: int | None = No
 
 def choose(queue: list[Waiting], free: int | None, node_size: int | None, backfill_limit: int,
            device_bytes: int | None = None, reserved: frozenset[str] = frozenset(),
-           node: str | None = None) -> Choice:
+           node: str | None = None,
+           spread: Callable[[Waiting], list[tuple[str, int]] | str | None] | None = None) -> Choice:
     """The job to start from ``queue`` (in queue order) with ``free`` GPUs (None: a CPU node, where
     the first job starts), on ``node`` of ``node_size`` GPUs of ``device_bytes`` each (the smallest).
     The GPUs are held for a job of ``reserved`` (running jobs are being preempted for it) as for one
-    at the backfill limit, unless another node holds for that one (``Waiting.held_on``)."""
+    at the backfill limit, unless another node holds for that one (``Waiting.held_on``).
+
+    A job larger than the node is asked of ``spread`` (``jobs.placement.plan``): where it starts over
+    several nodes with this one as its launcher, ``placement.WAIT`` when it could but not now (it waits
+    like a job that needs more GPUs than are free; at the backfill limit every node it could use holds
+    for it, since it needs several), or None (never from here: another node's job)."""
     skipped: list[str] = []
     for job in queue:
-        if not fits_node(job, node_size, device_bytes):
+        spreads = (spread is not None and node_size is not None and job.need > node_size
+                   and fits_node(replace(job, need=node_size), node_size, device_bytes))
+        if spreads:
+            where = spread(job)
+            if where is None:
+                continue
+            if where != placement.WAIT:
+                return Choice(job.id, skipped, placement=list(where))
+        elif not fits_node(job, node_size, device_bytes):
             continue  # never fits here (too few GPUs, or GPUs smaller than its predicted peak): another node's job
-        if free is None or job.need <= free:
+        elif free is None or job.need <= free:
             return Choice(job.id, skipped)
         if job.id in reserved:
             return Choice(None, skipped, held_for=job.id)
         if job.bypassed >= backfill_limit:
-            if job.held_on is not None and job.held_on != node:
+            if not spreads and job.held_on is not None and job.held_on != node:
                 continue  # another node drains for it; its count is at the limit already, and stays there
             return Choice(None, skipped, held_for=job.id)
         skipped.append(job.id)
@@ -141,6 +161,7 @@ class Started:
     devices: list[int] | None  # leased GPU indices on the node; None on a CPU node
     attempt: int
     ahead_of: list[str]  # waiting jobs this one started ahead of (backfill)
+    placement: list[tuple[str, int]] | None = None  # spread over nodes (``jobs.placement``): this node launches
 
 
 class _Lost(Exception):
@@ -244,9 +265,17 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
     live_after = utcnow() - timedelta(seconds=heartbeat_timeout_s)
     queue = _over_running_quota(session, queue_snapshot(session, live_after), quota_settings)
     reserved = preemptions_under_way(session, node)
+    spread = None
+    if node_size is not None and free is not None and any(job.need > node_size for job in queue):
+        others = placement.peers(session, node, device_bytes is not None, live_after)
+
+        def spread(job: Waiting) -> list[tuple[str, int]] | str | None:
+            return placement.plan(job.need, node, node_size, len(free), placement.large_enough(others, job.need_bytes))
     choice = choose(queue, len(free) if free is not None else None, node_size, backfill_limit, device_bytes,
-                    reserved, node)
-    if choice.held_for is not None and choice.held_for not in reserved:
+                    reserved, node, spread)
+    spreads = node_size is not None and choice.held_for is not None and next(
+        job.need for job in queue if job.id == choice.held_for) > node_size
+    if choice.held_for is not None and choice.held_for not in reserved and not spreads:
         held = next(job for job in queue if job.id == choice.held_for)
         if held.held_on != node:  # this node holds for it from now on (conditional: one node wins)
             live = select(Node.name).where(Node.seen_at >= live_after)
@@ -277,13 +306,22 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
         raise _Lost()
     job = session.get(Job, choice.job_id)
     devices = None
-    if free is not None:
+    if choice.placement is not None:
+        sizes = {node: node_size, **{peer.name: peer.slots for peer in others}}
+        try:
+            devices = placement.lease(session, job, choice.placement, sizes, now)
+        except LookupError:
+            raise _Lost() from None
+    elif free is not None:
         devices = free[:job.gpus or 1]
         session.add_all([GpuLease(node=node, device_index=i, job_id=job.id, attempt=job.attempt, leased_at=now)
                          for i in devices])
         session.flush()  # the unique index decides here, inside the transaction
-    add_event(session, job.id, f"started by worker {worker} (attempt {job.attempt})"
-                      + (f" on GPUs {devices} of {node}" if devices is not None else ""))
+    where = (f" on GPUs {devices} of {node}" if devices is not None else "")
+    if choice.placement is not None:
+        where = " across nodes " + ", ".join(f"{name} ({count})" for name, count in choice.placement) \
+            + f"; {node} launches"
+    add_event(session, job.id, f"started by worker {worker} (attempt {job.attempt}){where}")
     if choice.skipped:
         # Conditional on the count this choice saw: if another worker started a job ahead of one of them
         # meanwhile, the limit might be passed; then the whole choice is made again.
@@ -299,7 +337,7 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
                 add_event(session, waiting.id,
                                   f"waiting: {backfill_limit} job(s) behind this one have started meanwhile; none "
                                   f"more will: the GPUs of {node} are held for it as they free up")
-    return Started(job.id, devices, job.attempt, choice.skipped)
+    return Started(job.id, devices, job.attempt, choice.skipped, choice.placement)
 
 
 def _note_waiting(session: Session, job_id: str, message: str) -> None:

@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     #: memory of each GPU of a node, in GiB (declared; e.g. [24, 24, 24, 24, 24, 24, 24, 24]); empty: a CPU
     #: node, where a job gets the host's memory
     gpu_memory_gib: list[PositiveFloat] = Field(default_factory=list)
+    #: a CPU node (no GPUs): how many training ranks its jobs may run at once, leased like GPUs (a job of
+    #: ``gpus`` N takes N of them, and a job larger than a node is spread over several such nodes); unset:
+    #: not counted (each worker slot runs a job, with all its ranks)
+    cpu_ranks: int | None = Field(None, ge=1)
+    #: the address the other nodes reach this node on, for jobs spread over several nodes that this node
+    #: launches (their rendezvous: node 0's address and a free port)
+    node_address: str = Field(default_factory=lambda: socket.gethostname(), min_length=1)
+    #: how long the nodes of a job spread over several nodes wait for each other at its start (seconds)
+    rendezvous_timeout_s: int = Field(300, ge=1)
     #: the device training runs on (the GPU scheduler will pick devices per job)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: the worker writes metrics to the database at most this often (seconds)
@@ -159,6 +168,10 @@ class Settings(BaseSettings):
         import os
 
         return "cpu", 1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def rank_slots(self) -> int | None:
+        """How many GPUs (or CPU ranks, with ``cpu_ranks``) of this node jobs lease; None: not counted."""
+        return len(self.gpu_memory_gib) if self.gpu_memory_gib else self.cpu_ranks
 
     @property
     def embedded(self) -> bool:

@@ -117,6 +117,15 @@ def backfill(session: Session, job_id: str, step: int, checkpoint_path: str,
         record_checkpoint(session, job, step, checkpoint_path, last["train"], last["val"])
 
 
+def still_running(session: Session, job_id: str, attempt: int) -> bool:
+    """For a node that joined a job spread over several nodes (it writes no records nor heartbeat): True
+    when its cancellation was asked; raises Fenced when the job is no longer running in ``attempt``."""
+    row = session.execute(select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == job_id)).first()
+    if row is None or row.status not in (JobStatus.RUNNING.value, JobStatus.PAUSING.value) or row.attempt != attempt:
+        raise Fenced(job_id)
+    return bool(row.cancel_requested)
+
+
 def pause_requested(session: Session, job_id: str) -> bool:
     """Whether the job was asked to pause (``pausing``): the worker then has its run checkpoint and stop."""
     return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.PAUSING.value

@@ -23,7 +23,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_i
 from kombu.exceptions import KombuError
 from sqlalchemy.exc import IntegrityError
 
-from jobs import leases, lifecycle, logs, nodes, webhooks
+from jobs import leases, lifecycle, logs, nodes, placement, webhooks
 from jobs.db import UNREACHABLE
 from jobs.queue import DELIVER_WEBHOOK, RUN_JOB, dispatch_due_webhooks, enqueue, make_celery, send_delivery
 from jobs.recovery import recover_lost
@@ -122,6 +122,7 @@ def watch_the_queue(settings: Settings, slots: int | None = None, stop: threadin
                     enqueue(settings, job_id)
             with db.session() as session:
                 nodes.node_seen(session, settings.worker_name)
+            start_joins(settings, db)
             wake_idle(settings, db, slots or startup_wake_ups(settings))
             dispatch_due_webhooks(settings, db)
         except (*UNREACHABLE, KombuError, OSError) as error:  # the database or the broker is away for now
@@ -133,17 +134,40 @@ def watch_the_queue(settings: Settings, slots: int | None = None, stop: threadin
             log.exception("looking at the queue failed; trying again in %.0f s", interval)
 
 
+def start_joins(settings: Settings, db) -> list[threading.Thread]:
+    """Join the jobs spread over several nodes that have leases on this node (``jobs.placement``), each in
+    a thread of its own beside the watch: it starts this node's ranks, follows them to their end and
+    releases this node's part (the launcher's worker holds the job's slot; the GPUs are leased already)."""
+    with db.session() as session:
+        owed = placement.joins_owed(session, settings.worker_name)
+    started = []
+    for join in owed:
+        thread = threading.Thread(target=_join, args=(settings, join), name=f"lomo-join-{join.job_id}", daemon=True)
+        thread.start()
+        started.append(thread)
+    return started
+
+
+def _join(settings: Settings, join: placement.Join) -> None:
+    with logs.context(job_id=join.job_id):
+        try:
+            JobRunner(settings).join(join)
+        except Exception:  # the launcher sees the node's failure or its silence, and ends the job
+            log.exception("job %s: joining it failed", join.job_id)
+
+
 def wake_idle(settings: Settings, db, slots: int) -> int:
     """Send one wake-up (not re-sent: they do not multiply) per free slot of this worker that has a free
-    GPU of this node to start a job on (per free slot on a CPU node), up to the number of queued jobs;
+    GPU of this node to start a job on (a free CPU rank, with ``cpu_ranks``; per free slot on a CPU node
+    without), up to the number of queued jobs;
     returns how many were sent."""
     with db.session() as session:
         queued = lifecycle.queued_job_ids(session)
         if not queued:
             return 0
         free = slots - lifecycle.running_on_worker(session, settings.worker_name)
-        kind, total, _ = settings.device_inventory()
-        if kind == "cuda":
+        total = settings.rank_slots()
+        if total is not None:
             free = min(free, total - len(leases.leased_devices(session, settings.worker_name)))
     wake = queued[:max(free, 0)]
     for job_id in wake:
@@ -169,10 +193,10 @@ def start_node(settings: Settings, slots: int | None = None) -> None:
                  "native" if probe.native else "emulated: bf16 jobs are warned to use fp32")
     try:
         with db.session() as session:
-            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib, slowdown)
+            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib, slowdown, settings.cpu_ranks)
     except IntegrityError:  # another worker process of this node registered it at the same moment
         with db.session() as session:
-            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib, slowdown)
+            nodes.register_node(session, settings.worker_name, settings.gpu_memory_gib, slowdown, settings.cpu_ranks)
     for job_id in recover_lost(db, settings):  # lost while no worker was up: they are queued again first
         log.info("job %s: its worker was lost; it is queued again", job_id)
     with db.session() as session:
@@ -188,6 +212,6 @@ def start_node(settings: Settings, slots: int | None = None) -> None:
 
 
 def startup_wake_ups(settings: Settings) -> int:
-    """How many wake-ups a starting worker sends when its pool's size is not known: one per GPU, as
-    ``lomo worker`` runs by default."""
-    return max(len(settings.gpu_memory_gib), 1)
+    """How many wake-ups a starting worker sends when its pool's size is not known: one per GPU (per CPU
+    rank, with ``cpu_ranks``), as ``lomo worker`` runs by default."""
+    return settings.rank_slots() or 1

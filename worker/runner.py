@@ -3,7 +3,8 @@
 It runs ``lomo_core.train.train`` (the same loop as the CLI) and reports every record as one JSON line
 on file descriptor N; the worker that started it turns those lines into database rows. It never
 touches the database itself. The last line says how the run ended: ``done``, ``cancelled``,
-``paused`` or ``error`` (with a stable ``code``, a message a person can act on, and the config field concerned).
+``paused`` or ``error`` (with a stable ``code``, a message a person can act on, and the config field concerned),
+or ``joined`` for the part of a job spread over several nodes that another node launched (``--nodes``).
 
 SIGTERM asks it to stop: it stops after the step in progress (the worker kills it if it does not).
 SIGUSR1 asks it to pause: after the step in progress it saves a checkpoint and ends with ``paused``.
@@ -55,14 +56,27 @@ class PipeSink:
         pass
 
 
-def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
+def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]], nodes: Any = None) -> int:
     """Several ranks (``lomo_core.zero3.launch``): rank 0 writes metrics.jsonl, which is followed here
     and passed on line by line; SIGTERM stops the ranks (torch.distributed.run ends them all). A pause
-    (SIGUSR1) is passed on as the launcher's pause file: the ranks checkpoint together and stop."""
+    (SIGUSR1) is passed on as the launcher's pause file: the ranks checkpoint together and stop.
+
+    With ``nodes`` (a job spread over several nodes), this node's ranks: on node 0 as above; on a joining
+    node nothing is followed (rank 0's records are the launcher's to report) and no pause file is kept
+    (the ranks of every node vote on node 0's), and the run ends with a ``joined`` line."""
     import threading
     import time
 
     from lomo_core.zero3.launch import LaunchError, launch
+
+    if nodes is not None and not nodes.launcher:
+        try:
+            summary = launch(config, nodes=nodes)
+        except LaunchError as error:
+            sink.emit("error", 0, {"code": error.code, "message": str(error), "field": error.field})
+            return 1
+        sink.emit("joined", summary.get("paused") or 0, summary)
+        return 0
 
     metrics = config.output_dir / "metrics.jsonl"
     start = metrics.stat().st_size if metrics.is_file() else 0
@@ -92,7 +106,7 @@ def _run_ranks(config: Any, sink: PipeSink, evals: list[dict[str, Any]]) -> int:
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
     try:
-        summary = launch(config, pause_file=pause_file)
+        summary = launch(config, pause_file=pause_file, nodes=nodes)
     except LaunchError as error:
         finished.set()
         follower.join()
@@ -279,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, help="pid of the worker: when it is gone, everything stops at once")
     parser.add_argument("--attempt", type=int, help="the job's attempt: it stops when the job's folder names "
                                                     "a later one (in .attempt)")
+    parser.add_argument("--nodes", help="JSON of lomo_core.zero3.launch.Nodes: this node's part of a job spread "
+                                        "over several nodes")
     args = parser.parse_args(argv)
     logs.configure()  # JSON lines with the job's id (LOMO_JOB_ID) when LOMO_LOG_FORMAT=json
     logs.wrap_standard_streams()  # and so is anything else the training code prints
@@ -307,16 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from lomo_core.config import load_config
         from lomo_core.train import Paused, train
+        from lomo_core.zero3.launch import Nodes
 
         with open(args.config, encoding="utf-8") as f:
             config = load_config(json.load(f))
-        log.info("training starts: %s on %d rank(s), attempt %s", config.optimizer, config.nproc, args.attempt)
+        nodes = Nodes(**json.loads(args.nodes)) if args.nodes else None
+        log.info("training starts: %s on %d rank(s)%s, attempt %s", config.optimizer, config.nproc,
+                 f" (node {nodes.rank} of {nodes.count})" if nodes else "", args.attempt)
         evals_path = Path(args.config).with_name("evals.json")
-        evals = json.loads(evals_path.read_text()) if evals_path.is_file() else []
+        evals = json.loads(evals_path.read_text()) if evals_path.is_file() and not (nodes and nodes.rank) else []
         if evals and config.resume_from is None:
             _evaluate(evals, config.model, "base", config, sink)
-        if config.nproc > 1:
-            return _run_ranks(config, sink, evals)
+        if config.nproc > 1 or nodes is not None:
+            return _run_ranks(config, sink, evals, nodes)
         try:
             result = train(config, sinks=[sink], on_checkpoint=_checkpoint_scorer(evals, sink),
                            should_pause=lambda: sink.pause_requested)

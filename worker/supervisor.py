@@ -15,17 +15,19 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from jobs import admission, catalog, events, files, leases, lifecycle, logs, scheduler, telemetry
+from jobs import admission, catalog, events, files, leases, lifecycle, logs, placement, scheduler, telemetry
 from jobs import devices as devices_mod
 from jobs.db import UNREACHABLE, Database, is_unreachable, retrying
-from jobs.models import File, Job
+from jobs.models import File, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobStatus
 
@@ -48,6 +50,8 @@ class ChildReport:
     fenced: bool = False  # the job was recovered elsewhere meanwhile: this attempt was stopped, ends nothing
     pause_sent: bool = False  # the child was asked to checkpoint and stop
     abandoned: bool = False  # the database stayed away too long: stopped, the job is left to recovery
+    node_failure: dict[str, Any] | None = None  # spread over nodes: another node failed or was lost
+    stopped_for_node: bool = False  # this node's ranks were stopped because of ``node_failure``
 
 
 class JobRunner:
@@ -72,8 +76,8 @@ class JobRunner:
         queue is empty.
         """
         worker = f"{self.settings.worker_name}:{os.getpid()}"
-        kind, total, device_bytes = self.settings.device_inventory()
-        node_size = total if kind == "cuda" else None
+        kind, _count, device_bytes = self.settings.device_inventory()
+        node_size = self.settings.rank_slots()  # GPUs, or CPU ranks with LOMO_CPU_RANKS; None: not counted
         try:
             started = scheduler.start_next(self.db, self.settings.worker_name, node_size, worker,
                                            self.settings.backfill_limit,
@@ -105,9 +109,11 @@ class JobRunner:
 
     def _run_started(self, started: scheduler.Started) -> str:
         """Run the job the scheduler started here to its end (``run``)."""
-        job_id, devices, attempt = started.job_id, started.devices, started.attempt
-        log.info("job %s: attempt %d starts%s", job_id, attempt,
-                 f" on GPU(s) {', '.join(map(str, devices))}" if devices else "")
+        job_id, attempt = started.job_id, started.attempt
+        devices = started.devices if self.settings.gpu_memory_gib else None  # CPU ranks are not devices
+        log.info("job %s: attempt %d starts%s%s", job_id, attempt,
+                 f" on GPU(s) {', '.join(map(str, devices))}" if devices else "",
+                 f", launching across {len(started.placement)} nodes" if started.placement else "")
         fenced = abandoned = False
         patience = self.settings.db_outage_s  # how long each write below waits for a database that is away
         try:
@@ -116,8 +122,19 @@ class JobRunner:
                 outcome = prepared
             else:
                 config_path, output_dir, names = prepared
-                report = self.supervise(job_id, config_path, output_dir, devices, attempt)
+                nodes = None
+                if started.placement:  # spread over nodes: this one launches; the others join its rendezvous
+                    nodes = retrying(lambda: self._rendezvous(job_id, attempt, config_path, started.placement),
+                                     f"job {job_id}: its rendezvous", patience)
+                report = self.supervise(job_id, config_path, output_dir, devices, attempt, nodes=nodes)
                 fenced, abandoned = report.fenced, report.abandoned
+                final_kind = (report.final or {}).get("kind")
+                if nodes and not (fenced or abandoned or report.cancel_requested or report.node_failure) \
+                        and final_kind not in ("done", "paused"):
+                    report.node_failure = self._after_spread_failure(job_id)
+                lost = report.node_failure if (report.node_failure or {}).get("code") == "node_lost" else None
+                if lost and not (fenced or abandoned) and (report.final or {}).get("kind") != "done":
+                    return self._requeue_lost_node(job_id, attempt, lost["message"], len(devices or [1]))
                 outcome = (lifecycle.Outcome(JobStatus.FAILED) if fenced or abandoned else
                            retrying(lambda: self._outcome(job_id, report, output_dir, names), f"job {job_id}",
                                     patience))
@@ -157,9 +174,99 @@ class JobRunner:
         log.info("job %s: attempt %d ended %s", job_id, attempt, outcome.status.value)
         return outcome.status.value
 
-    def _release(self, job_id: str, attempt: int) -> None:
+    def _requeue_lost_node(self, job_id: str, attempt: int, why: str, freed: int) -> str:
+        """A node of the job's placement was lost and this node's ranks were stopped: the job is recovered
+        like one whose worker was lost (``jobs.recovery.requeue_after_node_loss``); its GPUs are free."""
+        from jobs.recovery import requeue_after_node_loss
+
+        def requeue() -> str | None:
+            with self.db.session() as session:
+                return requeue_after_node_loss(session, self.settings, job_id, attempt, why)
+
+        status = retrying(requeue, f"job {job_id}: back to the queue", self.settings.db_outage_s)
+        if status == JobStatus.QUEUED.value:  # it keeps a message that polls for it
+            self._send(job_id, countdown=self.settings.requeue_delay_s, poll=True)
+        for _ in range(freed):
+            self._send(job_id, countdown=None, poll=False)  # what the freed GPUs can start, now
+        log.warning("job %s: %s; the job is %s", job_id, why, status or "no longer this attempt's")
+        return "requeued" if status == JobStatus.QUEUED.value else (status or "fenced")
+
+    def _release(self, job_id: str, attempt: int, node: str | None = None) -> None:
         with self.db.session() as session:
-            leases.release(session, job_id, attempt)
+            leases.release(session, job_id, attempt, node)
+
+    def _rendezvous(self, job_id: str, attempt: int, config_path: Path,
+                    where: list[tuple[str, int]]) -> dict[str, Any]:
+        """This node launches a job spread over ``where``: a free port for the rendezvous, written on the
+        job with the run's config for the joining nodes; the ``Nodes`` of this node (rank 0)."""
+        with socket.socket() as probe:  # the port the launcher's store listens on; free now
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        nodes = {"count": len(where), "rank": 0, "per_node": where[0][1], "master_addr": self.settings.node_address,
+                 "master_port": port, "rendezvous_timeout_s": self.settings.rendezvous_timeout_s,
+                 "run_id": f"{job_id}-{attempt}"}
+        with self.db.session() as session:
+            placement.mark_ready(session, job_id, attempt, nodes["master_addr"], port, nodes["rendezvous_timeout_s"],
+                                 json.loads(config_path.read_text()))
+        return nodes
+
+    # ------------------------------------------------------------------------------------------ join
+    def join(self, join: placement.Join) -> str:
+        """Run this node's part of a job spread over several nodes that another node launches
+        (``jobs.placement``): take the join, wait for the launcher's rendezvous, start this node's ranks
+        and follow them to their end; a failure is reported on the job for the launcher to end it. This
+        node's leases are released at the end. Returns how it ended: "joined", "failed", "ended" (the job
+        ended or was stopped meanwhile) or "taken" (another process of this node joined)."""
+        node, settings = self.settings.worker_name, self.settings
+        job_id, attempt, rank = join.job_id, join.attempt, join.node_rank
+        with self.db.session() as session:
+            if not placement.claim_join(session, join, node, f"{node}:{os.getpid()}"):
+                return "taken"
+        log.info("job %s: node rank %d of attempt %d joins", job_id, rank, attempt)
+        try:
+            deadline = time.monotonic() + settings.rendezvous_timeout_s
+            while True:
+                with self.db.session() as session:
+                    try:
+                        ready = placement.rendezvous(session, job_id, attempt)
+                    except LookupError:
+                        return "ended"
+                    devices = placement.leased_here(session, job_id, attempt, node)
+                if ready:
+                    break
+                if time.monotonic() > deadline:
+                    self._node_failed(join, "rendezvous_failed", f"its launcher did not start within "
+                                                                 f"{settings.rendezvous_timeout_s} s")
+                    return "failed"
+                time.sleep(min(settings.flush_interval_s, 1.0))
+            output_dir = Path(ready["config"]["output_dir"])
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config_path = output_dir / f"job-config-node-{rank}.json"
+            config_path.write_text(json.dumps(ready["config"], indent=2))
+            nodes = {"count": len(ready["nodes"]), "rank": rank, "per_node": ready["per_node"],
+                     "master_addr": ready["master_addr"], "master_port": ready["master_port"],
+                     "rendezvous_timeout_s": ready["rendezvous_timeout_s"], "run_id": f"{job_id}-{attempt}"}
+            report = self.supervise(job_id, config_path, output_dir, devices if settings.gpu_memory_gib else None,
+                                    attempt, nodes=nodes)
+            final = report.final or {}
+            if report.fenced or report.cancel_requested:
+                return "ended"
+            if report.returncode == 0 and final.get("kind") in ("joined", "paused"):
+                return "joined"
+            code, message = ((final.get("code", "training_failed"), public_text(final.get("message", "")))
+                             if final.get("kind") == "error" else
+                             _died(report.returncode, output_dir / f"train-node-{rank}.log"))
+            self._node_failed(join, code, public_text(message) or code)
+            return "failed"
+        finally:
+            retrying(lambda: self._release(job_id, attempt, node), f"job {job_id}: releasing this node's part",
+                     settings.db_outage_s)
+
+    def _node_failed(self, join: placement.Join, code: str, message: str) -> None:
+        log.error("job %s: node rank %d failed (%s): %s", join.job_id, join.node_rank, code, message)
+        with self.db.session() as session:
+            placement.report_failure(session, join.job_id, join.attempt, self.settings.worker_name, join.node_rank,
+                                     code, message)
 
     def _publish(self, job_id: str) -> list[str]:
         with self.db.session() as session:
@@ -249,11 +356,18 @@ class JobRunner:
 
     # ------------------------------------------------------------------------------------------ supervise
     def supervise(self, job_id: str, config_path: Path, output_dir: Path,
-                  devices: list[int] | None = None, attempt: int | None = None) -> ChildReport:
+                  devices: list[int] | None = None, attempt: int | None = None,
+                  nodes: dict[str, Any] | None = None) -> ChildReport:
         """Start the child, turn its lines into rows every ``flush_interval_s``, stop it when cancelled.
         With ``devices``, the child sees only those GPUs (``CUDA_VISIBLE_DEVICES``). With ``attempt``,
         every write checks that the job is still running in that attempt; when it is not (the job was
         recovered by another worker), the child is killed and nothing more is written.
+
+        With ``nodes`` (``lomo_core.zero3.launch.Nodes``' fields), the child runs this node's part of a job
+        spread over several nodes (``jobs.placement``). As its launcher (rank 0) it is stopped when another
+        node fails or is lost (``ChildReport.node_failure``). As a joining node it writes no records and no
+        heartbeat (the launcher's are the job's), only looks whether the job still runs in ``attempt``, and
+        logs to ``train-node-R.log``.
 
         The child dies with this process: it is given this process's pid and asks for a SIGTERM when its
         parent dies, however it dies (``worker.runner``); it then kills its whole process group (its ranks
@@ -262,6 +376,7 @@ class JobRunner:
         was recovered elsewhere while this worker was frozen or cut off) kills its process group within
         half a second, long before the new attempt's training process has loaded its model."""
         settings = self.settings
+        joining = nodes is not None and nodes["rank"] > 0
         fence = []
         if attempt is not None:
             # Still this attempt's (a worker that stalled past the heartbeat timeout before this point finds
@@ -269,7 +384,10 @@ class JobRunner:
             # owns it, never an older one: an older training process still alive stops.
             with self.db.session() as session:
                 try:
-                    telemetry.record_progress(session, job_id, [], attempt=attempt)
+                    if joining:
+                        telemetry.still_running(session, job_id, attempt)
+                    else:
+                        telemetry.record_progress(session, job_id, [], attempt=attempt)
                     if _folder_attempt(output_dir) > attempt:
                         raise telemetry.Fenced(job_id)
                 except telemetry.Fenced:
@@ -283,7 +401,10 @@ class JobRunner:
             # lease indices are nvidia-smi's, which number GPUs in PCI bus order; CUDA must read them alike
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             env["CUDA_VISIBLE_DEVICES"] = devices_mod.visible_ids(devices)
-        with (output_dir / LOG_FILE).open("ab") as log_file:
+        if nodes is not None:
+            fence += ["--nodes", json.dumps(nodes)]
+        log_name = f"train-node-{nodes['rank']}.log" if joining else LOG_FILE
+        with (output_dir / log_name).open("ab") as log_file:
             child = subprocess.Popen(
                 [*self.command, str(config_path), "--fd", str(write_fd), "--parent", str(os.getpid()), *fence],
                 pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -311,7 +432,12 @@ class JobRunner:
                 due = now >= outage[1] if outage else now - last_flush >= settings.flush_interval_s
                 if eof or due:
                     try:
-                        cancel, pause = self._write(job_id, pending, attempt, outage, not report.pause_sent)
+                        if joining:
+                            cancel, pause, trouble = self._still_running(job_id, attempt), False, None
+                            pending = []  # the launcher's records are the job's
+                        else:
+                            cancel, pause, trouble = self._write(job_id, pending, attempt, outage,
+                                                                 not report.pause_sent, nodes is not None)
                     except telemetry.Fenced:
                         report.fenced = True
                         _signal_group(child, signal.SIGKILL)
@@ -332,8 +458,13 @@ class JobRunner:
                             self._write_when_back(job_id, pending, attempt, outage, report, child)
                             break
                         cancel = pause = False
+                        trouble = None
                     else:
                         pending, last_flush, outage = [], now, []
+                    if trouble is not None and report.node_failure is None and term_sent_at is None:
+                        report.node_failure, report.stopped_for_node, term_sent_at = trouble, True, now
+                        log.error("job %s: %s; stopping this node's ranks", job_id, trouble["message"])
+                        _signal_group(child, signal.SIGTERM)
                     if pause and not cancel and not report.cancel_requested:
                         report.pause_sent = True
                         log.info("job %s: pause requested, the training process checkpoints and stops", job_id)
@@ -357,8 +488,10 @@ class JobRunner:
         return report
 
     def _write(self, job_id: str, pending: list[tuple[str, int, dict[str, Any]]], attempt: int | None,
-               outage: list[float], check_pause: bool) -> tuple[bool, bool]:
-        """Write the records (one transaction, with the heartbeat); (cancel asked, pause asked)."""
+               outage: list[float], check_pause: bool,
+               spread: bool = False) -> tuple[bool, bool, dict[str, Any] | None]:
+        """Write the records (one transaction, with the heartbeat); (cancel asked, pause asked, and for a job
+        ``spread`` over nodes that this one launched, another node's failure or loss)."""
         if outage:  # the job's events say what happened while the database was away
             pending = [("event", 0, {"message": f"the database could not be reached for "
                                                 f"{time.monotonic() - outage[0]:.0f} s; the {len(pending)} "
@@ -367,7 +500,15 @@ class JobRunner:
         with self.db.session() as session:
             cancel = telemetry.record_progress(session, job_id, pending, attempt=attempt)
             pause = check_pause and telemetry.pause_requested(session, job_id)
-        return cancel, pause
+            trouble = placement.problem(session, job_id, self._live_after()) if spread else None
+        return cancel, pause, trouble
+
+    def _still_running(self, job_id: str, attempt: int | None) -> bool:
+        with self.db.session() as session:
+            return telemetry.still_running(session, job_id, attempt)
+
+    def _live_after(self) -> datetime:
+        return utcnow() - timedelta(seconds=self.settings.heartbeat_timeout_s)
 
     def _write_when_back(self, job_id: str, pending: list, attempt: int | None, outage: list[float],
                          report: ChildReport, child: subprocess.Popen) -> None:
@@ -397,7 +538,7 @@ class JobRunner:
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable line from the training process: %r", line[:200])
             return
-        if kind in ("done", "cancelled", "paused", "error"):
+        if kind in ("done", "cancelled", "paused", "error", "joined"):
             report.final = {"kind": kind, **payload}
             return
         if kind == "val":
@@ -428,6 +569,12 @@ class JobRunner:
             with self.db.session() as session:
                 events.add_event(session, job_id, f"training process {how}")
             return lifecycle.Outcome(JobStatus.CANCELLED)
+        failure = report.node_failure
+        if failure is not None and (report.stopped_for_node or kind != "error" or _unspecific(final)):
+            # this node's ranks were stopped for it, or failed without saying why: that node's error. (When
+            # they said why, that is the root cause: the launch reads the reports of every node's ranks.)
+            return lifecycle.Outcome(JobStatus.FAILED, failure["code"], f"node {failure['node']} (node rank "
+                                     f"{failure['node_rank']}) failed: {failure['message']}")
         if kind == "error":
             message = final.get("message", "")
             for path, file_id in names.items():  # name the uploaded file, not where the node keeps it
@@ -442,6 +589,21 @@ class JobRunner:
         if code == "process_killed" and report.returncode == -signal.SIGKILL:
             message += self._memory_figures(job_id)
         return lifecycle.Outcome(JobStatus.FAILED, code, message)
+
+    def _after_spread_failure(self, job_id: str) -> dict[str, Any] | None:
+        """This node's ranks of a job spread over nodes failed: what the other nodes say. A live node's
+        worker is seen again within a quarter of ``heartbeat_timeout_s`` (its watch), and reports its own
+        ranks' failure within seconds; a node not seen for ``heartbeat_timeout_s`` since is lost (its
+        worker died with its ranks, and ours failed on the lost connection). None: every node is up and
+        none reported a failure."""
+        since = utcnow()
+        deadline = time.monotonic() + self.settings.heartbeat_timeout_s + 1.0
+        while True:
+            with self.db.session() as session:
+                failure = placement.problem(session, job_id, since)
+            if failure is None or failure["code"] != "node_lost" or time.monotonic() > deadline:
+                return failure  # reported, every node seen since (all is said), or one not seen for too long
+            time.sleep(0.5)
 
     def _memory_figures(self, job_id: str) -> str:
         """What the memory model predicted and what the device has, for an out-of-memory failure."""
@@ -507,6 +669,12 @@ def _folder_attempt(output_dir: Path) -> int:
         return int((output_dir / ATTEMPT_FILE).read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
+
+
+def _unspecific(final: dict[str, Any]) -> bool:
+    """A failure of ranks that says nothing of its cause (no rank reported one, or they never met)."""
+    return final.get("code") == "rendezvous_failed" or (
+        final.get("code") == "internal_error" and str(final.get("message", "")).startswith("the ranks exited"))
 
 
 def _signal_group(child: subprocess.Popen, sig: int) -> None:

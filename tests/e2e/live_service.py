@@ -5,6 +5,7 @@ processes on a free port of 127.0.0.1. Modules start one per backend (module-sco
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from jobs.settings import Settings
 from tests.conftest import REDIS_URL, STORIES, create_postgres_database, drop_postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,39 @@ class LiveService:
 
             redis.Redis.from_url(REDIS_URL).delete(self.env["LOMO_QUEUE"])
             drop_postgres_database(self.database_url)
+
+
+def worker_env(data_dir: Path, database_url: str, queue_prefix: str, **lomo: str) -> tuple[dict[str, str], Settings]:
+    """For tests that run `lomo worker` processes on Postgres (``database_url``) and Redis beside an API in
+    this process: the workers' environment (this one's, stories260K's folder registered, the CPU, records
+    flushed every 0.2 s, a queue of its own, and ``lomo`` as further LOMO_* values) and the Settings of the
+    same service (its data folder made)."""
+    env = {**os.environ, "LOMO_DATA_DIR": str(data_dir), "LOMO_QUEUE": f"{queue_prefix}-{uuid.uuid4().hex[:8]}",
+           "LOMO_DATABASE_URL": database_url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.2",
+           "LOMO_DEVICE": "cpu", "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)]),
+           **{f"LOMO_{key.upper()}": value for key, value in lomo.items()}}
+    settings = Settings(data_dir=data_dir, model_dirs=[STORIES.parent], database_url=database_url,
+                        broker_url=REDIS_URL, queue=env["LOMO_QUEUE"])
+    data_dir.mkdir(parents=True)
+    return env, settings
+
+
+def processes(*parts: bytes, containing: bytes | None = None, ending: bytes | None = None,
+              without: bytes | None = None) -> list[int]:
+    """The pids of this machine's processes whose command line has all of ``parts`` as words, and, when
+    given, a word containing ``containing``, a word ending with ``ending``, and no word ``without``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                words = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if all(part in words for part in parts) and without not in words \
+                    and (containing is None or any(containing in word for word in words)) \
+                    and (ending is None or any(word.endswith(ending) for word in words)):
+                found.append(int(entry.name))
+    return found
 
 
 def _spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:

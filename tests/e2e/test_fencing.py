@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from tests.conftest import (
     need_shared,
     open_api_client,
 )
+from tests.e2e.live_service import worker_env
 from tests.e2e.test_scheduling import training_pids
 from tests.e2e.test_worker_loss import JOB, ROOT, _alive, _claimed_by, wait
 
@@ -137,16 +137,8 @@ def cluster(tmp_path_factory):
     need_shared(INSTRUCT)
     tmp = tmp_path_factory.mktemp("fencing")
     url = create_postgres_database()
-    env = {**os.environ, "LOMO_DATA_DIR": str(tmp / "var"), "LOMO_QUEUE": f"lomo-fence-{uuid.uuid4().hex[:8]}",
-           "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.2",
-           "LOMO_DEVICE": "cpu",
-           "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)]),
-           "LOMO_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S), "LOMO_REQUEUE_DELAY_S": "1",
-           "LOMO_MAX_RECOVERIES": "1"}
-    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), model_dirs=[STORIES.parent],
-                        database_url=url, broker_url=REDIS_URL,
-                        queue=env["LOMO_QUEUE"])
-    settings.data_dir.mkdir(parents=True)
+    env, settings = worker_env(tmp / "var", url, "lomo-fence", heartbeat_timeout_s=str(TIMEOUT_S),
+                               requeue_delay_s="1", max_recoveries="1")
     api = open_api_client(settings)
     c = Cluster(api, settings, env, tmp)
     try:

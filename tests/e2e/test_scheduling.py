@@ -34,6 +34,7 @@ from tests.conftest import (
     need_shared,
     open_api_client,
 )
+from tests.e2e.live_service import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"max_steps": 2, "batch_size": 2, "max_seq_len": 64, "lr": 1e-3}
@@ -43,16 +44,7 @@ LIMIT = 2
 def training_pids(job_id: str, module: bytes = b"worker.runner") -> list[int]:
     """The worker.runner process of a job (its command line names the job's config); with ``module``
     ``lomo_core.zero3.launch``, torch.distributed.run and the ranks of a job on several ranks."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if module in cmdline and any(job_id.encode() in part for part in cmdline):
-                pids.append(int(entry.name))
-    return pids
+    return processes(module, containing=job_id.encode())
 
 
 @pytest.fixture

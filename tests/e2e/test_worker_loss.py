@@ -5,13 +5,11 @@ Redis, two `lomo worker`s, stories260K training on the CPU."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ from tests.conftest import (
     need_shared,
     open_api_client,
 )
+from tests.e2e.live_service import worker_env
 from tests.e2e.test_scheduling import training_pids
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,15 +67,8 @@ def cluster(tmp_path):
     need_shared(STORIES)
     need_shared(INSTRUCT)
     url = create_postgres_database()
-    env = {**os.environ, "LOMO_DATA_DIR": str(tmp_path / "var"), "LOMO_QUEUE": f"lomo-rec-{uuid.uuid4().hex[:8]}",
-           "LOMO_DATABASE_URL": url, "LOMO_BROKER_URL": REDIS_URL, "LOMO_FLUSH_INTERVAL_S": "0.2",
-           "LOMO_DEVICE": "cpu",
-           "LOMO_MODEL_DIRS": json.dumps([str(STORIES.parent)]),
-           "LOMO_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S), "LOMO_REQUEUE_DELAY_S": "1"}
-    settings = Settings(data_dir=Path(env["LOMO_DATA_DIR"]), model_dirs=[STORIES.parent],
-                        database_url=url, broker_url=REDIS_URL,
-                        queue=env["LOMO_QUEUE"])
-    settings.data_dir.mkdir(parents=True)
+    env, settings = worker_env(tmp_path / "var", url, "lomo-rec", heartbeat_timeout_s=str(TIMEOUT_S),
+                               requeue_delay_s="1")
     workers = running_workers(tmp_path, env, ["node-a", "node-b"])
     api = open_api_client(settings)
     yield api, settings, workers

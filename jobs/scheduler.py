@@ -289,8 +289,12 @@ def _start_next(session: Session, node: str, node_size: int | None, worker: str,
         _preempt_for(session, node, queue, len(free), node_size, device_bytes, reserved, preempt_min_run_s)
     for job_id in choice.skipped[:1] + ([choice.held_for] if choice.held_for else []):
         need = next(j.need for j in queue if j.id == job_id)
-        _note_waiting(session, job_id, f"waiting: {need} GPU(s) needed, {len(free or [])} of {node_size} free on "
-                      f"{node}" + ("; the GPUs are held for it" if job_id == choice.held_for else ""))
+        if node_size is not None and need > node_size:
+            said = (f"waiting: {need} GPU(s) needed, more than a node has: it starts when enough nodes have "
+                    "their share free at once")
+        else:
+            said = f"waiting: {need} GPU(s) needed, {len(free or [])} of {node_size} free on {node}"
+        _note_waiting(session, job_id, said + ("; the GPUs are held for it" if job_id == choice.held_for else ""))
     if choice.job_id is None:
         return None
     owner = next(job.owner for job in queue if job.id == choice.job_id)

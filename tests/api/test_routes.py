@@ -345,7 +345,8 @@ def test_jobs_store_their_prediction_and_a_pinned_count_is_warned(gpu_node):
     assert memory["predicted"]["per_device"]["peak_bytes"] == job["predicted_memory"]["per_device"]["peak_bytes"]
     assert job["gpus"] == 2  # the count the memory model chose
     too_many = error_of(create(client, "llama-13b", file_id, hyperparameters=PAPER, gpus=16), 422)
-    assert too_many["param"] == "gpus" and "has 8" in too_many["message"]
+    assert too_many["param"] == "gpus" and "16 GPUs asked for; the nodes of this deployment have 8 GPUs" in \
+        too_many["message"]
     pinned = create(client, "llama-13b", file_id, hyperparameters=PAPER, gpus=1).json()
     assert pinned["status"] == "queued" and pinned["predicted_memory"]["fits"] is False
     events = client.get(f"/v1/fine_tuning/jobs/{pinned['id']}/events").json()["data"]
@@ -371,7 +372,10 @@ def test_with_no_gpus_declared_the_api_places_jobs_on_the_gpus_its_workers_regis
         assert answer["device"] == "cuda" and answer["devices"] == 4 and answer["gpus"] == 2
         assert answer["device_bytes"] == 24 * 1024**3
         error = error_of(client.post("/v1/fine_tuning/jobs", json={**body, "gpus": 8}), 422)
-        assert error["param"] == "gpus" and "has 4" in error["message"]
+        assert error["param"] == "gpus" and "the nodes of this deployment have 4, 1 GPUs" in error["message"]
+        with database(database_url).session() as s:  # a second node of 4: 8 GPUs are two nodes' 4 each
+            nodes.register_node(s, "gpu-node-2", [24.0] * 4)
+        assert client.post("/v1/fine_tuning/jobs", json={**body, "gpus": 8}).status_code == 200
 
 
 BOOLQ = b"".join(json.dumps({"question": f"is it {i}", "passage": f"it is {i}.", "label": i % 2 == 0, "idx": i})

@@ -108,6 +108,9 @@ def test_a_spread_job_starts_only_when_every_part_is_free_and_small_jobs_backfil
     assert second.job_id == small and second.ahead_of == [big]  # big waits for node-b: all or none
     with db.session() as s:
         assert s.scalar(select(GpuLease.id).where(GpuLease.job_id == big)) is None  # no part leased
+        said = s.scalars(select(JobEvent.message).where(JobEvent.job_id == big)).all()
+        assert said == ["waiting: 4 GPU(s) needed, more than a node has: it starts when enough nodes have their "
+                        "share free at once"]
     for done in (busy, small):
         with db.session() as s:
             s.get(Job, done).status = "succeeded"

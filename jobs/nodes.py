@@ -61,10 +61,10 @@ def deployment_inventory(session: Session, settings: Settings) -> tuple[str, int
 def node_sizes(session: Session, settings: Settings) -> list[int]:
     """The GPUs of each registered GPU node (on a deployment of GPUs), or the ranks of each CPU node that
     counts them (``cpu_ranks``); [] when nothing is counted. A job of more than the largest is spread over
-    several (``jobs.placement``)."""
-    kind, count, _bytes = deployment_inventory(session, settings)
-    rows = list(session.scalars(select(Node)))
-    if kind == "cuda":
-        return [len(n.gpu_memory_gib) for n in rows if n.gpu_memory_gib] or [count]
-    return [n.cpu_ranks for n in rows if not n.gpu_memory_gib and n.cpu_ranks]
-
+    several (``jobs.placement``). Declared GPUs (``LOMO_GPU_MEMORY_GIB``) count as one node when no GPU node
+    has registered, as in ``deployment_inventory``."""
+    rows = list(session.execute(select(Node.gpu_memory_gib, Node.cpu_ranks)))
+    gpu_nodes = [len(gib) for gib, _ranks in rows if gib]
+    if settings.gpu_memory_gib or gpu_nodes:
+        return gpu_nodes or [len(settings.gpu_memory_gib)]
+    return [ranks for gib, ranks in rows if not gib and ranks]

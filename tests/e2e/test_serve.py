@@ -87,6 +87,7 @@ def test_serve_runs_a_job_with_zero_configuration(tmp_path):
     ("LOMO_GPU_MEMORY_GIB", "abc", "LOMO_GPU_MEMORY_GIB: cannot read this value"),
     ("LOMO_GPU_MEMORY_GIB", "[24, -1]", "LOMO_GPU_MEMORY_GIB_1: Input should be greater than 0"),
     ("LOMO_FLUSH_INTERVAL_S", "soon", "LOMO_FLUSH_INTERVAL_S: Input should be a valid number"),
+    ("LOMO_CPU_RANKS", "0", "LOMO_CPU_RANKS: Input should be greater than or equal to 1"),
 ])
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_bad_settings_stop_the_service_with_the_variable_named(tmp_path, command, name, value, needle):
